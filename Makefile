@@ -1,0 +1,25 @@
+# Two commands: `make demo` runs the embedded default audit, `make test` runs the whole suite.
+# Both create .venv when missing and install the project into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= cfaudit-out/demo
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-local.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-local.txt -e '.[test]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/cfaudit demo --out $(OUT)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) cfaudit-out .cfaudit-cache

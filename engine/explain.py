@@ -1,0 +1,64 @@
+"""One work unit end to end without Ray: targets -> method.explain -> per-query metrics -> Arrow rows."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from engine.metrics.distances import input_distances
+from engine.methods.base import Method
+from engine.models.handles import ModelBundle
+from engine.store.results import rows_to_table
+from engine.targets import TargetMode, resolve_targets
+from engine.types import CFBatch, QueryBatch
+
+
+def build_queries(bundle: ModelBundle, x: torch.Tensor, query_ids: torch.Tensor, labels: torch.Tensor,
+                  targets: TargetMode, seed: int) -> tuple[QueryBatch, torch.Tensor]:
+    """Expand queries by target mode; returns the batch and the model's logits on each row's x."""
+    device = bundle.device
+    x = x.to(device)
+    with torch.no_grad():
+        logits = bundle.classifier.logits(x)
+    rows, target = resolve_targets(logits, targets)
+    batch = QueryBatch(x=x[rows], target=target, query_id=query_ids.to(device)[rows],
+                       label=labels.to(device)[rows], seed=seed)
+    return batch, logits[rows]
+
+
+def explain_unit(method: Method, bundle: ModelBundle, x: torch.Tensor, query_ids: torch.Tensor,
+                 labels: torch.Tensor, targets: TargetMode, seed: int, meta: dict) -> pa.Table:
+    """Run `method` on one unit of queries and return its results rows (store.results schema)."""
+    batch, logits = build_queries(bundle, x, query_ids, labels, targets, seed)
+    start = time.perf_counter()
+    cf = method.explain(batch, bundle).cpu()
+    seconds = time.perf_counter() - start
+    return cf_to_table(batch.to("cpu"), torch.softmax(logits, -1).cpu(), cf, seconds, meta)
+
+
+def cf_to_table(batch: QueryBatch, p_orig: torch.Tensor, cf: CFBatch, seconds: float, meta: dict) -> pa.Table:
+    n = len(batch)
+    pred_orig = p_orig.argmax(-1)
+    rows = torch.arange(n)
+    dist = input_distances(batch.x, cf.x_cf)
+    x_cf = torch.nan_to_num(cf.x_cf)  # a `nan` query keeps its status; its tensor must stay writable
+    p_cf = torch.nan_to_num(cf.p_cf)
+    columns = {
+        **meta,
+        "query_id": batch.query_id.numpy(), "seed": np.full(n, batch.seed, np.int64),
+        "label": (batch.label if batch.label is not None else torch.full((n,), -1)).numpy(),
+        "pred_orig": pred_orig.numpy(), "target": batch.target.numpy(), "pred_cf": p_cf.argmax(-1).numpy(),
+        "p_orig_pred": p_orig[rows, pred_orig].numpy(), "p_orig_target": p_orig[rows, batch.target].numpy(),
+        "p_cf_target": p_cf[rows, batch.target].numpy(),
+        "success": cf.success.numpy().astype(bool), "status": list(cf.status), "n_iter": cf.n_iter.numpy(),
+        "n_features": None if cf.n_features is None else cf.n_features.numpy(),
+        "seconds": np.full(n, seconds / max(n, 1)),
+        "l0": dist["l0"].numpy(), "l1": torch.nan_to_num(dist["l1"], nan=float("inf")).numpy(),
+        "l2": torch.nan_to_num(dist["l2"], nan=float("inf")).numpy(),
+        "p_orig": p_orig.numpy(), "p_cf": p_cf.numpy(), "x_cf": x_cf.numpy(),
+    }
+    if columns["n_features"] is None:
+        columns["n_features"] = pa.nulls(n, pa.int64())
+    return rows_to_table(columns, tuple(batch.x.shape[1:]), p_orig.shape[1])

@@ -1,0 +1,7 @@
+"""Counterfactual methods; importing this package registers the built-in ones."""
+from engine.methods.base import Method, config_hash, get_method_class, make_config, make_method, method_names, register
+
+# Built-in methods register themselves on import (after `base`, which they import).
+from engine.methods import gradual_construction, wachter  # noqa: E402,F401  isort: skip
+
+__all__ = ["Method", "config_hash", "get_method_class", "make_config", "make_method", "method_names", "register"]

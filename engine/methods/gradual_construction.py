@@ -1,0 +1,234 @@
+"""Gradual construction (Jung et al., "Counterfactual Explanation Based on Gradual Construction for Deep
+Networks"): alternate a masking step (Eq. 5) and a composition step (Eq. 7/8) until p_ct(X′) ≥ τ (Alg. 1).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from engine.methods import losses
+from engine.methods.base import Method, register
+from engine.methods.search import (AdamState, SearchState, all_finite, begin, check_field, clamp_st, descend,
+                                   finish, per_query_normal, query_seed)
+from engine.models.handles import ClassifierHandle, ModelBundle
+from engine.types import CFBatch, QueryBatch
+
+NAME = "gradual_construction"
+
+
+@dataclass(frozen=True)
+class GradualConstructionConfig:
+    tau: float = 0.9          # τ, stop once p_ct(X′) ≥ τ (Alg. 1 l.3): images/text 0.9 (§4.3.2); tabular 0.5 (§4.4.2)
+    lam: float = 0.3          # λ, weight of ‖X′ − X‖₂ (Eq. 7, §4.1)
+    eta: float = 0.3          # η, weight of the total variation R_tv, images only (Eq. 8, §4.3.2)
+    beta: float = 2.0         # β, exponent of R_tv (Eq. 8, §4.3.2)
+    lr: float = 0.1           # Adam learning rate of the composite C (§4.1)
+    sigma: int = 500          # σ, composition iterations per masking step (Alg. 1 l.6; §4.1: 1000 MNIST, 500 others)
+    n_reference: int = 100    # N, training samples predicted as c_t whose mean logits Eq. 7 matches (§4.1)
+    block_size: int = 4       # side of the square mask blocks for images (§4.3.2: 4×4 on MNIST); tabular ignores it
+    max_features: Optional[int] = None  # budget of masking steps (features or blocks); None: all (Alg. 1 has no cap)
+    recompute_saliency: bool = False    # False: n-th highest |∇f_ct| at the original X (Alg. 1 l.4); True: at X′
+
+    def __post_init__(self) -> None:
+        check_field(0.0 < self.tau < 1.0, NAME, "tau", "in (0, 1)", self.tau)
+        for name in ("lam", "eta"):
+            check_field(getattr(self, name) >= 0.0, NAME, name, ">= 0", getattr(self, name))
+        check_field(self.beta >= 1.0, NAME, "beta", ">= 1", self.beta)
+        check_field(self.lr > 0.0, NAME, "lr", "> 0", self.lr)
+        for name in ("sigma", "n_reference", "block_size"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value >= 1, NAME, name, "an integer >= 1", value)
+        check_field(self.max_features is None or (isinstance(self.max_features, int) and self.max_features >= 0),
+                    NAME, "max_features", "None or an integer >= 0", self.max_features)
+
+
+@register
+class GradualConstruction(Method):
+    """Gradual construction of a counterfactual X′ = (1 − M)∘X + M∘C (Eq. 1), batched over queries.
+
+    Masking (Eq. 5, Alg. 1 l.4–5): the n-th masking step sets M on the n-th highest entry of
+    |∇_X log softmax_ct(X)| at the original X (`recompute_saliency=True`: the highest not-yet-masked
+    entry at the current X′). ∇ log p = ∇p / p and p > 0 is one scalar per query, so the ranking equals
+    the paper's |∇ softmax_ct| ranking; the log form does not underflow when p_ct is tiny.
+    Images ([B, ..., H, W]) are masked in block_size² blocks whose saliency is the sum of |grad| over
+    their pixels and channels (§4.3.2); tabular inputs ([B, D]) one feature at a time, without TV.
+
+    Composition (Alg. 1 l.6–7): σ steps of a fresh Adam on C minimising, per query,
+    ‖f′(X′) − μ_ct‖₂ + λ‖X′ − X‖₂ (+ η R_tv for images, Eq. 8), where μ_ct [K] is the mean logit vector of
+    N reference samples the classifier predicts as c_t. C starts N(0, 1) (Alg. 1), seeded per query from
+    (batch.seed, query_id). The composite is clamped into the classifier's value_range in the forward
+    pass (straight-through gradient) and C is projected onto it after every step, so X′ is always a
+    valid input. p_ct(X′) ≥ τ is checked after each composition step, as in Alg. 1; a query that meets
+    it is frozen. A query already classified as c_t is returned unchanged with status "already"
+    (its success still needs p_ct ≥ τ). n_iter counts composition iterations, n_features masking
+    steps; extras["mask"] is M [B, *input_shape] bool.
+    """
+
+    name = NAME
+    Config = GradualConstructionConfig
+    requires = ("classifier", "reference")
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self._stats: dict[tuple, tuple] = {}  # (id(module), id(reference.x)) -> (weakrefs, logits, {seed: table})
+
+    def __getstate__(self) -> dict:
+        # The logit-table cache holds weak references to models; it is rebuilt on demand.
+        return {**self.__dict__, "_stats": {}}
+
+    def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
+        self.check_models(models)
+        cfg, handle = self.config, models.classifier
+        state = begin(NAME, batch, models)
+        x, target = state.x, state.target
+        lo, hi = (float(v) for v in handle.value_range)
+        image = x.dim() >= 3
+        grid = _block_grid(x.shape[1:], cfg.block_size) if image else None
+        n_blocks = grid[0] * grid[1] if image else x.shape[1]
+        budget = n_blocks if cfg.max_features is None else min(cfg.max_features, n_blocks)
+        blocks = torch.zeros((len(x), n_blocks), dtype=torch.bool, device=x.device)
+        n_features = torch.zeros(len(x), dtype=torch.int64, device=x.device)
+        comp = per_query_normal(batch.seed, batch.query_id, tuple(x.shape[1:]), NAME).to(x.device)
+
+        def compose(c: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            # Eq. 1 for a binary M, written with `where` so C never leaks into unmasked entries.
+            mask = _expand(blocks[rows], x.shape[1:], cfg.block_size) if image else blocks[rows]
+            return torch.where(mask, clamp_st(c, lo, hi), x[rows])
+
+        if bool(state.active.any()):
+            mu = self._mean_logits(handle, models, batch.seed)[target]  # [B, K]
+            _require_reference(mu, state, handle)
+
+            def objective(c: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                x_new = compose(c, rows)
+                loss = (losses.logit_matching(handle.logits(x_new).float(), mu[rows])
+                        + cfg.lam * losses.l2_distance(x_new, x[rows]))
+                if image and cfg.eta > 0:
+                    loss = loss + cfg.eta * losses.total_variation(x_new, cfg.beta)
+                return loss, torch.zeros_like(loss, dtype=torch.bool)  # Alg. 1 tests τ only between steps
+
+            order = None if cfg.recompute_saliency else self._rank(handle, state, x, grid, cfg.block_size)
+            adam = AdamState.zeros_like(comp)
+            for step in range(budget):
+                rows = state.active.nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    break
+                # Masking step (Alg. 1 l.4-5).
+                if order is None:
+                    scores = _saliency(handle, compose(comp[rows], rows).detach(), target[rows], grid, cfg.block_size)
+                    scores = scores.masked_fill(blocks[rows], float("-inf"))
+                    bad = ~all_finite(scores.masked_fill(blocks[rows], 0.0))
+                    state.freeze(rows, bad, nan=True)
+                    rows, pick = rows[~bad], scores[~bad].argmax(1)
+                else:
+                    pick = order[rows, step]
+                blocks[rows, pick] = True
+                n_features[rows] += 1
+                # Composition step (Alg. 1 l.6-7): a fresh Adam on C for σ iterations.
+                adam.reset(state.active)
+                comp = descend(comp, objective, state, adam, steps=cfg.sigma, lr=cfg.lr, bounds=(lo, hi))
+                # Stopping test (Alg. 1 l.3) on the queries still running.
+                rows = state.active.nonzero().squeeze(1)
+                if rows.numel():
+                    with torch.no_grad():
+                        logits = handle.logits(compose(comp[rows], rows)).float()
+                    finite = all_finite(logits)
+                    p_t = torch.softmax(logits, -1).gather(1, target[rows, None]).squeeze(1)
+                    state.freeze(rows, ~finite, nan=True)
+                    state.freeze(rows, finite & (p_t >= cfg.tau), done=True)
+
+        everything = torch.arange(len(x), device=x.device)
+        with torch.no_grad():
+            x_cf = compose(comp, everything).detach()
+            mask = _expand(blocks, x.shape[1:], cfg.block_size).contiguous() if image else blocks.clone()
+        tau = cfg.tau
+        return finish(
+            state, x_cf, handle, n_features=n_features, extras={"mask": mask},
+            criterion=lambda logits, t: torch.softmax(logits, -1).gather(1, t[:, None]).squeeze(1) >= tau,
+            budget_reason=f"p_target < tau={tau} after masking {budget} {'blocks' if image else 'features'} "
+                          f"with sigma={cfg.sigma} iterations each")
+
+    def _rank(self, handle: ClassifierHandle, state: SearchState, x: torch.Tensor,
+              grid: Optional[tuple[int, int]], block: int) -> torch.Tensor:
+        """[B, n_blocks] block indices by decreasing saliency at the original X (Alg. 1 l.4)."""
+        rows = state.active.nonzero().squeeze(1)
+        n_blocks = grid[0] * grid[1] if grid else x.shape[1]
+        order = torch.zeros((len(x), n_blocks), dtype=torch.int64, device=x.device)
+        scores = _saliency(handle, x[rows], state.target[rows], grid, block)
+        state.freeze(rows, ~all_finite(scores), nan=True)
+        order[rows] = torch.argsort(scores, dim=1, descending=True, stable=True)
+        return order
+
+    def _mean_logits(self, handle: ClassifierHandle, models: ModelBundle, seed: int) -> torch.Tensor:
+        """[K, K]: row k = mean logits of N reference samples predicted as k (all if fewer, NaN if none).
+
+        The reference logits are computed once per (classifier, reference) and the table once per seed;
+        both are cached on the instance, keyed weakly so the cache never keeps a model alive.
+        """
+        ref = models.reference
+        key = (id(handle.module), id(ref.x))
+        hit = self._stats.get(key)
+        if hit is None or hit[0]() is not handle.module or hit[1]() is not ref.x:
+            if tuple(ref.x.shape[1:]) != tuple(handle.input_shape):
+                raise ValueError(f"{NAME}: reference samples have shape {list(ref.x.shape[1:])}, expected "
+                                 f"{list(handle.input_shape)} for model {handle.model_id!r}")
+            device = torch.device(models.device)
+            with torch.no_grad():
+                logits = torch.cat([handle.logits(ref.x[i:i + 512].to(device=device, dtype=torch.float32)).float()
+                                    for i in range(0, len(ref.x), 512)])
+            self._stats = {k: v for k, v in self._stats.items() if v[0]() is not None and v[1]() is not None}
+            hit = self._stats[key] = (weakref.ref(handle.module), weakref.ref(ref.x), logits, {})
+        logits, tables = hit[2], hit[3]
+        if seed not in tables:
+            pred = logits.argmax(1)
+            table = torch.full((handle.num_classes, handle.num_classes), float("nan"), device=logits.device)
+            for k in range(handle.num_classes):
+                idx = (pred == k).nonzero().squeeze(1)
+                if idx.numel():
+                    g = torch.Generator().manual_seed(query_seed(seed, k, "reference"))
+                    pick = idx[torch.randperm(idx.numel(), generator=g)[: self.config.n_reference].to(idx.device)]
+                    table[k] = logits[pick].mean(0)
+            tables[seed] = table
+        return tables[seed]
+
+
+def _require_reference(mu: torch.Tensor, state: SearchState, handle: ClassifierHandle) -> None:
+    missing = sorted(set(state.target[state.active & ~all_finite(mu)].tolist()))
+    if missing:
+        names = [handle.class_names[k] for k in missing]
+        raise ValueError(f"{NAME}: no reference sample is predicted as target class(es) {missing} {names} by model "
+                         f"{handle.model_id!r}; Eq. 7 needs training samples classified as the target")
+
+
+def _block_grid(shape: torch.Size, block: int) -> tuple[int, int]:
+    return math.ceil(shape[-2] / block), math.ceil(shape[-1] / block)
+
+
+def _saliency(handle: ClassifierHandle, x: torch.Tensor, target: torch.Tensor,
+              grid: Optional[tuple[int, int]], block: int) -> torch.Tensor:
+    """Eq. 5 scores [n, n_blocks]: |∇_X log softmax_ct(X)| summed over each block's pixels and channels."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        log_p = torch.log_softmax(handle.logits(xg).float(), -1).gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(log_p, xg)
+    sal = grad.abs()
+    if grid is None:
+        return sal
+    h, w = x.shape[-2:]
+    sal = sal.reshape(len(x), -1, h, w).sum(1)
+    sal = F.pad(sal, (0, grid[1] * block - w, 0, grid[0] * block - h))
+    return sal.view(len(x), grid[0], block, grid[1], block).sum((2, 4)).flatten(1)
+
+
+def _expand(blocks: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
+    """[n, hb·wb] bool block mask -> [n, *shape] bool pixel mask (cropped at the borders)."""
+    h, w = shape[-2:]
+    hb, wb = _block_grid(shape, block)
+    m = blocks.view(-1, hb, wb).repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :h, :w]
+    lead = tuple(shape[:-2])
+    return m.view(-1, *([1] * len(lead)), h, w).expand(-1, *lead, h, w)

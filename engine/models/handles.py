@@ -1,0 +1,78 @@
+"""Handles: a model plus what the engine must know about it (DESIGN.md, core contracts)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from engine.data.base import ArrayDataset
+
+
+@dataclass
+class ClassifierHandle:
+    """A classifier `x [B, *input_shape] -> logits [B, K]` in eval mode."""
+
+    module: nn.Module
+    model_id: str
+    input_shape: tuple[int, ...]
+    class_names: list[str]
+    value_range: tuple[float, float] = (0.0, 1.0)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    @torch.no_grad()
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.module(x), dim=-1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        return torch.cat([self.module(x[i:i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
+
+
+@dataclass
+class GeneratorHandle:
+    """A generative model: `decode(z, a=None) -> x`, optional `encode(x) -> (z, a)`.
+
+    `attribute_names` is non-empty for attribute-informed models (latent z ⊕ a, AIP).
+    """
+
+    module: nn.Module
+    model_id: str
+    latent_dim: int
+    attribute_names: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def has_encoder(self) -> bool:
+        return hasattr(self.module, "encode")
+
+    def decode(self, z: torch.Tensor, a: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.module.decode(z, a) if self.attribute_names else self.module.decode(z)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not self.has_encoder:
+            raise ValueError(f"Generator {self.model_id!r} has no encoder; invert it by optimisation instead")
+        out = self.module.encode(x)
+        return out if isinstance(out, tuple) else (out, None)
+
+
+@dataclass
+class ModelBundle:
+    """What a method may use for one audited model; everything but the classifier is optional.
+
+    reference: training samples (for GC's per-class logit statistics, Eq. 7).
+    """
+
+    classifier: ClassifierHandle
+    generator: Optional[GeneratorHandle] = None
+    oracle: Optional[ClassifierHandle] = None
+    reference: Optional[ArrayDataset] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))

@@ -1,0 +1,235 @@
+"""Safe loading of users' models, and the classifier handle check.
+
+Accepted forms, safest first:
+- TorchScript (`torch.jit.save`): loaded with `torch.jit.load`; no Python code from the file is executed.
+- a torch.export program (`torch.export.save`, a `.pt2` archive; TorchScript's successor, which torch 2.14
+  deprecates): loaded with `torch.export.load(...).module()`. Its graph was captured in the mode it was
+  exported in, so `.eval()` is not called on it (torch does not support it).
+- a state dict (`torch.save(model.state_dict())`, or a checkpoint dict holding one under `state_dict` /
+  `model_state_dict` / `model`) plus a factory `"package.module:callable"` that builds the module; read with
+  `torch.load(weights_only=True)`.
+- a full pickled module (`torch.save(model)`): arbitrary code runs on load, so only with `allow_pickle=True`.
+Paths are local paths or fsspec URIs (`s3://...`, `memory://...`).
+"""
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import os
+import pickle
+import warnings
+import zipfile
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from engine.models.handles import ClassifierHandle
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "torchscript", "export", "state_dict", "pickle")
+_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+PathLike = Union[str, os.PathLike]
+
+
+def _read_bytes(path: PathLike) -> bytes:
+    text = os.fspath(path)
+    if "://" in text and not text.startswith("file://"):
+        import fsspec
+
+        try:
+            with fsspec.open(text, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Model file not found: {text}") from None
+    local = text[len("file://"):] if text.startswith("file://") else text
+    if not os.path.isfile(local):
+        raise FileNotFoundError(f"Model file not found: {text}")
+    with open(local, "rb") as f:
+        return f.read()
+
+
+def archive_kind(data: bytes) -> Optional[str]:
+    """"torchscript" (a zip with `<root>/code/`), "export" (a pt2 zip with `<root>/archive_format`),
+    "torch_save" (a zip with `<root>/data.pkl`), or None (not a zip: a legacy torch.save file or junk)."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return None
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        names = zf.namelist()
+    if any("/code/" in n for n in names):
+        return "torchscript"
+    if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+        return "export"
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch_save"
+    return None
+
+
+def _eval(module: nn.Module) -> nn.Module:
+    """module.eval(), except for torch.export modules, which refuse it (their mode is fixed at export)."""
+    try:
+        return module.eval()
+    except NotImplementedError:
+        return module
+
+
+def resolve_factory(factory: Union[str, Callable[..., nn.Module]]) -> Callable[..., nn.Module]:
+    """`"package.module:attr"` (attr may be dotted, e.g. `Class.from_config`) or a callable."""
+    if callable(factory):
+        return factory
+    if not isinstance(factory, str) or ":" not in factory:
+        raise ValueError(f"Expected `factory` to be 'package.module:callable' but got {factory!r}")
+    mod_name, attr = factory.split(":", 1)
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise ValueError(f"Cannot import module {mod_name!r} of factory {factory!r}: {err}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"Module {mod_name!r} has no attribute {attr!r} (factory {factory!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"Factory {factory!r} is not callable")
+    return obj
+
+
+def _pickle_refusal(path: PathLike) -> ValueError:
+    return ValueError(
+        f"{os.fspath(path)} is neither TorchScript nor a weights-only state dict: it holds pickled Python "
+        f"objects (e.g. a whole module saved with torch.save(model)), and unpickling runs arbitrary code. "
+        f"Pass `allow_pickle: true` in the model spec if you trust the file, or re-save it as TorchScript "
+        f"(torch.jit.save(torch.jit.script(model), path)) or as a state dict (torch.save(model.state_dict(), "
+        f"path)) with a factory.")
+
+
+def _not_a_model(path: PathLike, err: Exception) -> ValueError:
+    return ValueError(f"{os.fspath(path)} is not a TorchScript, torch.export or torch.save file "
+                      f"({type(err).__name__} while reading it)")
+
+
+def _extract_state_dict(obj: Any, path: PathLike) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _CHECKPOINT_KEYS:
+            if isinstance(obj.get(key), dict):
+                return _extract_state_dict(obj[key], path)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ValueError(f"{os.fspath(path)} does not hold a state dict (name -> tensor) but a "
+                     f"{type(obj).__name__}; expected torch.save(model.state_dict(), path)")
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: PathLike, factory: Any) -> nn.Module:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(f"{k}: file {tuple(state[k].shape)} vs module {tuple(own[k].shape)}"
+                         for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or wrong_shape:
+        raise ValueError(f"State dict in {os.fspath(path)} does not fit the module built by {factory!r}: "
+                         f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}, "
+                         f"shape mismatches {wrong_shape[:10]}")
+    module.load_state_dict(state)
+    return module
+
+
+def load_module(path: PathLike, *, format: str = "auto", factory: Union[str, Callable, None] = None,
+                factory_kwargs: Optional[dict] = None, allow_pickle: bool = False) -> nn.Module:
+    """Load a user's model from `path` (see the module docstring for the forms); returned in eval mode on CPU.
+
+    format: "auto" (by content: TorchScript or torch.export archive, else a weights-only torch.save file,
+    which must hold a state dict and needs `factory`, else a pickled module if `allow_pickle`), or one of
+    "torchscript", "export", "state_dict", "pickle" to insist on a form.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"Expected `format` to be one of {list(FORMATS)} but got {format!r}")
+    data = _read_bytes(path)
+    kind = archive_kind(data)
+    if format == "torchscript" or (format == "auto" and kind == "torchscript"):
+        try:
+            with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; users' files still load
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+        except Exception as err:  # noqa: BLE001 - torch raises several types for bad archives
+            raise ValueError(f"{os.fspath(path)} is not a loadable TorchScript archive: {err}") from None
+    if format == "export" or (format == "auto" and kind == "export"):
+        try:
+            return torch.export.load(io.BytesIO(data)).module()
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"{os.fspath(path)} is not a loadable torch.export (.pt2) archive: {err}") from None
+    if format == "pickle":
+        return _load_pickled(data, path, allow_pickle)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # A torch.save zip, or a pickle stream (PROTO opcode 0x80: legacy torch.save), that the weights-only
+        # unpickler rejects holds globals it does not allow: pickled objects such as a full module.
+        if kind == "torch_save" or data[:1] == b"\x80":
+            if format == "auto" and allow_pickle:
+                return _load_pickled(data, path, allow_pickle)
+            raise _pickle_refusal(path) from None
+        raise _not_a_model(path, err) from None
+    except Exception as err:  # noqa: BLE001 - torch raises KeyError, RuntimeError, ... for foreign files
+        raise _not_a_model(path, err) from None
+    if isinstance(obj, nn.Module):  # only reachable through torch's weights_only safelists
+        return _eval(obj)
+    state = _extract_state_dict(obj, path)
+    if factory is None:
+        raise ValueError(f"{os.fspath(path)} holds a state dict; give a `factory: 'package.module:callable'` "
+                         f"(and `factory_kwargs`) that builds the module it belongs to")
+    build = resolve_factory(factory)
+    try:
+        module = build(**(factory_kwargs or {}))
+    except TypeError as err:
+        raise ValueError(f"Factory {factory!r} rejected factory_kwargs {factory_kwargs}: {err}") from None
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"Factory {factory!r} returned a {type(module).__name__}, not a torch.nn.Module")
+    return _load_into(module, state, path, factory).eval()
+
+
+def _load_pickled(data: bytes, path: PathLike, allow_pickle: bool) -> nn.Module:
+    if not allow_pickle:
+        raise _pickle_refusal(path)
+    log.warning("Unpickling %s with weights_only=False: this runs code from the file; load only files you "
+                "trust", os.fspath(path))
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    if not isinstance(obj, nn.Module):
+        raise ValueError(f"{os.fspath(path)} unpickled to a {type(obj).__name__}, not a torch.nn.Module")
+    return _eval(obj)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def classifier_handle_from_module(module: nn.Module, model_id: str, input_shape: Sequence[int],
+                                  class_names: Sequence[str],
+                                  value_range: tuple[float, float] = (0.0, 1.0)) -> ClassifierHandle:
+    """A ClassifierHandle after one dummy forward proves `module` maps [1, *input_shape] to logits [1, K]."""
+    shape = tuple(int(s) for s in input_shape)
+    names = [str(c) for c in class_names]
+    if not names:
+        raise ValueError(f"Model {model_id!r}: expected at least one class name but got {list(class_names)}")
+    _eval(module)
+    lo, hi = float(value_range[0]), float(value_range[1])
+    dummy = torch.full((1, *shape), (lo + hi) / 2, device=_module_device(module))
+    try:
+        with torch.no_grad():
+            out = module(dummy)
+    except Exception as err:  # noqa: BLE001 - any failure means the shape contract is not met
+        raise ValueError(f"Model {model_id!r} failed on a dummy input of shape {[1, *shape]}: "
+                         f"{type(err).__name__}: {err}") from None
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"Model {model_id!r} must return a logits tensor [B, K] but returned {type(out).__name__}")
+    if out.dim() != 2 or out.shape[0] != 1 or out.shape[1] != len(names):
+        raise ValueError(f"Model {model_id!r} returned shape {list(out.shape)} for input {[1, *shape]}; expected "
+                         f"[1, {len(names)}] logits for class_names {names}")
+    if not torch.isfinite(out).all():
+        raise ValueError(f"Model {model_id!r} returned non-finite logits on a dummy input")
+    return ClassifierHandle(module=module, model_id=model_id, input_shape=shape, class_names=names,
+                            value_range=(lo, hi))

@@ -1,0 +1,55 @@
+"""Read a YAML spec into a pydantic model; every error names the file, the field and what was expected."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the file and field."""
+
+
+def _field_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif not str(item).startswith(("function-", "union[", "literal[")) and "[" not in str(item):
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "<root>"
+
+
+def parse_spec(model: type[M], data: Any, source: str = "<spec>") -> M:
+    """Validate `data` (a dict) against `model`; raise SpecError with one line per bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            given = e.get("input")
+            shown = "" if e["type"] == "missing" or isinstance(given, dict) else f" (given: {given!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            where = _field_path(e["loc"])
+            lines.append(f"  {msg}{shown}" if where == "<root>" else f"  {where}: {msg}{shown}")
+        raise SpecError(f"{source}: invalid spec\n" + "\n".join(lines)) from None
+
+
+def load_spec(model: type[M], path: str | Path) -> M:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"Spec file not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: YAML syntax error{where}: {getattr(err, 'problem', err)}") from None
+    return parse_spec(model, data, source=str(path))

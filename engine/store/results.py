@@ -1,0 +1,115 @@
+"""The results schema (one row per job, model, method, query, target) and the shard writer.
+
+Counterfactuals are stored as an Arrow fixed-shape tensor column `x_cf` (extension type
+`arrow.fixed_shape_tensor`, float32, the classifier's input shape), readable by pyarrow
+(`.to_numpy_ndarray()`) and by plain polars (as an extension of a fixed-size array).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import re
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.store.uri import filesystem, is_local, join, write_bytes_atomic
+
+SCHEMA_VERSION = 1
+
+# Scalar columns, in order; `x_cf`, `p_orig` and `p_cf` are appended with shapes known per model.
+SCALAR_FIELDS: list[pa.Field] = [
+    pa.field("schema_version", pa.int16(), nullable=False),
+    pa.field("job", pa.string(), nullable=False),
+    pa.field("spec_hash", pa.string(), nullable=False),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("config_hash", pa.string(), nullable=False),
+    pa.field("unit_id", pa.string(), nullable=False),
+    pa.field("query_id", pa.int64(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("label", pa.int64(), nullable=False),
+    pa.field("pred_orig", pa.int64(), nullable=False),
+    pa.field("target", pa.int64(), nullable=False),
+    pa.field("pred_cf", pa.int64(), nullable=False),
+    pa.field("p_orig_pred", pa.float32(), nullable=False),   # P(pred_orig | x)
+    pa.field("p_orig_target", pa.float32(), nullable=False), # P(target | x)
+    pa.field("p_cf_target", pa.float32(), nullable=False),   # P(target | x_cf)
+    pa.field("success", pa.bool_(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("n_iter", pa.int64(), nullable=False),
+    pa.field("n_features", pa.int64(), nullable=True),
+    pa.field("seconds", pa.float64(), nullable=False),       # wall time of the unit / its rows
+    pa.field("l0", pa.int64(), nullable=False),              # features changed by >= 1e-3 (GC Eq. 9)
+    pa.field("l1", pa.float32(), nullable=False),
+    pa.field("l2", pa.float32(), nullable=False),            # GC Eq. 10
+]
+
+
+def results_schema(input_shape: Sequence[int], num_classes: int) -> pa.Schema:
+    return pa.schema(SCALAR_FIELDS + [
+        pa.field("p_orig", pa.list_(pa.float32(), num_classes), nullable=False),
+        pa.field("p_cf", pa.list_(pa.float32(), num_classes), nullable=False),
+        pa.field("x_cf", pa.fixed_shape_tensor(pa.float32(), list(input_shape)), nullable=False),
+    ], metadata={"cfaudit.schema_version": str(SCHEMA_VERSION)})
+
+
+def rows_to_table(columns: dict[str, np.ndarray], input_shape: Sequence[int], num_classes: int) -> pa.Table:
+    """Build a results table from numpy columns (x_cf [B, *shape], p_orig/p_cf [B, K])."""
+    schema = results_schema(input_shape, num_classes)
+    n = len(columns["query_id"])
+    arrays = []
+    for f in schema:
+        if f.name == "schema_version":
+            arrays.append(pa.array(np.full(n, SCHEMA_VERSION, np.int16)))
+        elif f.name in ("p_orig", "p_cf"):
+            flat = pa.array(np.ascontiguousarray(columns[f.name], np.float32).reshape(-1))
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, num_classes))
+        elif f.name == "x_cf":
+            arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(
+                np.ascontiguousarray(columns["x_cf"], np.float32)))
+        else:
+            value = columns[f.name]
+            if isinstance(value, pa.Array):
+                arrays.append(value.cast(f.type))
+                continue
+            if isinstance(value, (str, int, float)):
+                value = [value] * n
+            arrays.append(pa.array(value, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def shard_uri(out: str, model_id: str, method: str, part: int) -> str:
+    return join(out, "results", f"model={model_id}", f"method={method}", f"part-{part:05d}.parquet")
+
+
+def write_shard(uri: str, table: pa.Table) -> None:
+    """Serialise to Parquet in memory, then write atomically (readers never see half a file)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    write_bytes_atomic(uri, buffer.getvalue())
+
+
+_PART = re.compile(r"model=([^/]+)/method=([^/]+)/part-(\d+)\.parquet$")
+
+
+def finished_units(out: str) -> set[tuple[str, str, int]]:
+    """(model_id, method, part) of every complete shard under <out>/results."""
+    fs, path = filesystem(join(out, "results"))
+    pattern = path.rstrip("/") + "/model=*/method=*/part-*.parquet"
+    found = glob.glob(pattern) if is_local(fs) else fs.glob(pattern)
+    units = set()
+    for p in found:
+        m = _PART.search(p)
+        if m:
+            units.add((m.group(1), m.group(2), int(m.group(3))))
+    return units
+
+
+def result_files(out: str) -> list[str]:
+    """Full URIs of every results shard (for polars / pyarrow readers)."""
+    fs, path = filesystem(join(out, "results"))
+    found = sorted(fs.glob(path.rstrip("/") + "/model=*/method=*/part-*.parquet"))
+    return [p if is_local(fs) else fs.unstrip_protocol(p) for p in found]

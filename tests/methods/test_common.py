@@ -1,0 +1,161 @@
+"""Cross-method table: every registered method runs through the same checks on both test classifiers.
+
+A new method joins automatically; give it a cheap budget in FAST if its defaults are slow on a CPU.
+Methods that need a generator or encoder are skipped here (these bundles hold classifiers only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+import torch
+
+from engine.methods import config_hash, get_method_class, make_method, method_names
+from engine.types import STATUS_ALREADY, STATUS_BUDGET, STATUS_NAN, STATUS_OK, CFBatch, QueryBatch
+from tests.methods.conftest import NaNNear, Task
+
+FAST = {"gradual_construction": {"sigma": 30, "max_features": 10}, "wachter": {"max_iter": 300}}
+PER_KIND = {("gradual_construction", "tabular"): {"tau": 0.5}}  # GC §4.4.2
+STATUSES = {STATUS_OK, STATUS_BUDGET, STATUS_NAN, STATUS_ALREADY}
+
+METHODS = method_names()
+TASKS = ["digits", "cancer"]
+
+
+def build(name: str, task: Task, **params):
+    cls = get_method_class(name)
+    missing = {"generator", "encoder"} & set(cls.requires)
+    if missing:
+        pytest.skip(f"{name} needs {sorted(missing)}; the table's bundles hold classifiers only")
+    return make_method(name, {**FAST.get(name, {}), **PER_KIND.get((name, task.kind), {}), **params})
+
+
+@pytest.fixture(params=TASKS)
+def task(request) -> Task:
+    return request.getfixturevalue(request.param)
+
+
+def assert_same(a: CFBatch, b: CFBatch, atol: float = 0.0) -> None:
+    assert a.status == b.status
+    assert torch.equal(a.success, b.success) and torch.equal(a.n_iter, b.n_iter)
+    torch.testing.assert_close(a.x_cf, b.x_cf, rtol=0, atol=atol)
+    torch.testing.assert_close(a.p_cf, b.p_cf, rtol=0, atol=max(atol, 1e-6) * 10)
+
+
+def test_registry_lists_the_builtins() -> None:
+    assert {"gradual_construction", "wachter"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_cfbatch_shapes_dtypes_and_statuses(name: str, task: Task) -> None:
+    method = build(name, task)
+    q = task.queries(6)
+    out = method.explain(q, task.bundle)
+    b, k = len(q), task.handle.num_classes
+    assert isinstance(out, CFBatch) and len(out) == b
+    assert out.x_cf.shape == q.x.shape and out.x_cf.dtype == torch.float32
+    assert out.p_orig.shape == out.p_cf.shape == (b, k)
+    assert out.success.dtype == torch.bool and out.success.shape == (b,)
+    assert out.n_iter.dtype == torch.int64 and out.n_iter.shape == (b,)
+    assert torch.equal(out.target, q.target)
+    assert len(out.status) == b and set(out.status) <= STATUSES
+    assert all((s == STATUS_OK) == bool(v) for s, v in zip(out.status, out.success) if s != STATUS_ALREADY)
+    lo, hi = task.handle.value_range
+    assert out.x_cf.min() >= lo and out.x_cf.max() <= hi  # a counterfactual is a valid input
+    assert (out.p_cf.argmax(1)[out.success] == q.target[out.success]).all()
+    torch.testing.assert_close(out.p_orig.sum(1), torch.ones(b))
+    if out.explanation is not None:
+        torch.testing.assert_close(out.explanation, out.x_cf - q.x)
+    assert len(out.extras["reason"]) == b
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_deterministic_across_runs_and_instances(name: str, task: Task) -> None:
+    q = task.queries(5, offset=3, seed=11)
+    method = build(name, task)
+    first = method.explain(q, task.bundle)
+    assert_same(first, method.explain(q, task.bundle))
+    assert_same(first, build(name, task).explain(q, task.bundle))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_batch_of_n_equals_n_single_calls(name: str, task: Task) -> None:
+    q = task.queries(6, offset=10, seed=3)
+    method = build(name, task)
+    batched = method.explain(q, task.bundle)
+    for i in range(len(q)):
+        single = method.explain(q.select(slice(i, i + 1)), task.bundle)
+        assert single.status == batched.status[i:i + 1]
+        assert single.n_iter.item() == batched.n_iter[i].item()
+        torch.testing.assert_close(single.x_cf[0], batched.x_cf[i], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_already_classified_queries_are_returned_unchanged(name: str, task: Task) -> None:
+    q = task.queries(4, offset=20)
+    with torch.no_grad():
+        pred = task.handle.logits(q.x).argmax(1)
+    target = q.target.clone()
+    target[::2] = pred[::2]
+    out = build(name, task).explain(QueryBatch(q.x, target, q.query_id, q.label, seed=q.seed), task.bundle)
+    assert out.status[0] == out.status[2] == STATUS_ALREADY
+    assert torch.equal(out.x_cf[::2], q.x[::2]) and (out.n_iter[::2] == 0).all()
+    assert STATUS_ALREADY not in (out.status[1], out.status[3])
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("at_input", [True, False], ids=["nan-at-input", "nan-mid-search"])
+def test_a_nan_query_is_isolated(name: str, task: Task, at_input: bool) -> None:
+    q = task.queries(6, offset=30)
+    poisoned = 2
+    others = torch.tensor([i for i in range(len(q)) if i != poisoned])
+    # A ball around the poisoned query that reaches no more than halfway to any other query.
+    radius = 0.5 * (q.x[others] - q.x[poisoned]).flatten(1).norm(dim=1).min().item()
+    bundle = task.with_module(NaNNear(task.handle.module, q.x[poisoned], radius, include_center=at_input))
+    method = build(name, task)
+    out = method.explain(q, bundle)
+    clean = method.explain(q.select(others), task.bundle)
+    assert out.status[poisoned] == STATUS_NAN and not out.success[poisoned]
+    assert torch.isfinite(out.x_cf[poisoned]).all()
+    if at_input:
+        assert torch.equal(out.x_cf[poisoned], q.x[poisoned]) and out.n_iter[poisoned] == 0
+    assert [out.status[i] for i in others.tolist()] == clean.status
+    assert STATUS_NAN not in clean.status and clean.success.float().mean() >= 0.8
+    torch.testing.assert_close(out.x_cf[others], clean.x_cf, rtol=0, atol=1e-4)
+    assert torch.isfinite(out.p_cf[others]).all()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_empty_batch(name: str, task: Task) -> None:
+    q = task.queries(3).select(slice(0, 0))
+    out = build(name, task).explain(q, task.bundle)
+    assert len(out) == 0 and out.status == [] and out.x_cf.shape == q.x.shape
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_input_validation_names_the_problem(name: str, task: Task) -> None:
+    method = build(name, task)
+    q = task.queries(2)
+    bad_target = QueryBatch(q.x, torch.tensor([0, task.handle.num_classes]), q.query_id)
+    with pytest.raises(ValueError, match="expected targets in"):
+        method.explain(bad_target, task.bundle)
+    bad_shape = QueryBatch(q.x.flatten(1)[:, :-1], q.target, q.query_id)
+    with pytest.raises(ValueError, match="expected queries of shape"):
+        method.explain(bad_shape, task.bundle)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_config_is_frozen_hashable_and_the_method_pickles(name: str, task: Task) -> None:
+    method = build(name, task)
+    field = dataclasses.fields(method.config)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(method.config, field, getattr(method.config, field))
+    q = task.queries(3)
+    before = method.explain(q, task.bundle)  # fills any cache the method keeps
+    clone = pickle.loads(pickle.dumps(method))
+    assert clone.config == method.config
+    assert config_hash(name, clone.config) == config_hash(name, method.config)
+    assert_same(before, clone.explain(q, task.bundle))
+    defaults = get_method_class(name).Config()
+    assert all(f.name for f in dataclasses.fields(defaults))  # every field has a paper default
