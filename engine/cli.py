@@ -32,7 +32,7 @@ def _demo(args: argparse.Namespace) -> int:
     from engine.workflows.audit import audit
 
     spec = load_spec(AuditSpec, demo_spec_path())
-    update = {"output": args.out}
+    update = {"output": args.out, "overwrite": True}  # the demo's output is its own: replace stale results
     if args.queries:
         update["queries"] = spec.queries.model_copy(update={"count": args.queries})
     spec = spec.model_copy(update=update)

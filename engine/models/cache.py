@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 
 # Bump when training code or architectures change in a way that changes the weights for the same inputs.
-CODE_VERSION = "models-1"
+CODE_VERSION = "models-2"
 ENV_VAR = "CFAUDIT_CACHE"
 WEIGHTS, META = "weights.pt", "meta.json"
 _TMP_PREFIX = ".tmp-"

@@ -20,7 +20,7 @@ def training_data(entry: FleetModel, dataset: DatasetRef) -> ArrayDataset:
 def resolve_classifier(entry: FleetModel, dataset: DatasetRef, cache_dir: Optional[str] = None,
                        device: str | torch.device = "cpu", log=print) -> ClassifierHandle:
     """Train (or load from the content-addressed cache) a built-in model, or safely load a user's file."""
-    from engine.models.loading import classifier_handle_from_module, load_module
+    from engine.models.loading import classifier_handle_from_module, eval_mode, load_module
     from engine.models.zoo import get_or_train
 
     start = time.perf_counter()
@@ -42,7 +42,7 @@ def resolve_classifier(entry: FleetModel, dataset: DatasetRef, cache_dir: Option
         input_shape, class_names, value_range = data.input_shape, data.class_names, data.value_range
         meta = {"source": "file", "path": entry.path}
         log(f"  model {entry.id}: loaded {entry.path} ({time.perf_counter() - start:.1f}s)")
-    module = module.to(device).eval()
+    module = eval_mode(module.to(device))
     for p in module.parameters():
         p.requires_grad_(False)
     handle = classifier_handle_from_module(module, entry.id, tuple(input_shape), list(class_names),

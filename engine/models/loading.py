@@ -67,7 +67,7 @@ def archive_kind(data: bytes) -> Optional[str]:
     return None
 
 
-def _eval(module: nn.Module) -> nn.Module:
+def eval_mode(module: nn.Module) -> nn.Module:
     """module.eval(), except for torch.export modules, which refuse it (their mode is fixed at export)."""
     try:
         return module.eval()
@@ -173,7 +173,7 @@ def load_module(path: PathLike, *, format: str = "auto", factory: Union[str, Cal
     except Exception as err:  # noqa: BLE001 - torch raises KeyError, RuntimeError, ... for foreign files
         raise _not_a_model(path, err) from None
     if isinstance(obj, nn.Module):  # only reachable through torch's weights_only safelists
-        return _eval(obj)
+        return eval_mode(obj)
     state = _extract_state_dict(obj, path)
     if factory is None:
         raise ValueError(f"{os.fspath(path)} holds a state dict; give a `factory: 'package.module:callable'` "
@@ -196,7 +196,7 @@ def _load_pickled(data: bytes, path: PathLike, allow_pickle: bool) -> nn.Module:
     obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     if not isinstance(obj, nn.Module):
         raise ValueError(f"{os.fspath(path)} unpickled to a {type(obj).__name__}, not a torch.nn.Module")
-    return _eval(obj)
+    return eval_mode(obj)
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -215,7 +215,7 @@ def classifier_handle_from_module(module: nn.Module, model_id: str, input_shape:
     names = [str(c) for c in class_names]
     if not names:
         raise ValueError(f"Model {model_id!r}: expected at least one class name but got {list(class_names)}")
-    _eval(module)
+    eval_mode(module)
     lo, hi = float(value_range[0]), float(value_range[1])
     dummy = torch.full((1, *shape), (lo + hi) / 2, device=_module_device(module))
     try:

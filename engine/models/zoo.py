@@ -34,6 +34,8 @@ KINDS: dict[str, tuple[Callable[..., tuple[nn.Module, list[float]]], tuple[str, 
     "oracle": (T.train_oracle, ("attribute_oracle", "mlp")),
 }
 
+DEFAULT_LATENT_DIM = 16
+
 # Training arguments that are not hyper-parameters (not JSON-able, or passed separately).
 _NOT_HYPERPARAMETERS = frozenset({"module", "dataset", "seed", "oracle"})
 
@@ -82,6 +84,7 @@ def infer_arch_kwargs(kind: str, arch: str, arch_kwargs: dict, dataset: ArrayDat
     num_attributes = 0 if dataset.attributes is None else dataset.attributes.shape[1]
     inferred["num_attributes"] = num_attributes
     inferred["num_classes"] = num_attributes if kind == "oracle" else dataset.num_classes
+    inferred["latent_dim"] = DEFAULT_LATENT_DIM  # DCGANGenerator requires one; the others default to the same
     out = {k: v for k, v in inferred.items() if k in params}
     out.update(arch_kwargs)
     return out
@@ -106,7 +109,7 @@ def get_or_train(kind: str, arch: str, arch_kwargs: Optional[dict], dataset: Arr
     """The trained module (eval mode, CPU) for these inputs, from the cache or trained now and cached.
 
     Missing shape arguments (in_channels, image_size, in_features, num_classes, num_attributes) are taken
-    from the dataset. info: key, cache_hit, path, seconds (spent in this call), train_seconds, history,
+    from the dataset; a missing latent_dim is 16. info: key, cache_hit, path, seconds (spent in this call), train_seconds, history,
     arch, arch_kwargs (complete), train_kwargs (complete).
     """
     if kind not in KINDS:

@@ -42,7 +42,7 @@ class FleetModel(Strict):
     id: str = Field(pattern=ID_PATTERN)
     train: Optional[TrainEntry] = None
     path: Optional[str] = None
-    format: Literal["auto", "torchscript", "state_dict", "pickle"] = "auto"
+    format: Literal["auto", "torchscript", "export", "state_dict", "pickle"] = "auto"
     factory: Optional[str] = Field(default=None, description="package.module:function building the module")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
     allow_pickle: bool = False

@@ -72,6 +72,7 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
     if todo:
         with stages.stage("explain"):
             start_ray(spec.runtime.address, include_dashboard=spec.runtime.include_dashboard)
+            ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's bar counts units
             rows = [unit_row(u, queries_data) for u in todo]
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
             threads = max(1, int(spec.runtime.num_cpus_per_actor))

@@ -34,7 +34,7 @@ def test_second_call_is_a_hit_with_identical_weights(tmp_path, data):
     assert info2["history"] == info1["history"] and len(info1["history"]) == 2
     assert _same_weights(first, second) and not second.training
     assert info1["arch_kwargs"] == {"in_channels": 1, "image_size": 8, "num_classes": 2, "width": 4,
-                                    "fc_hidden": [128, 64], "dropout": 0.0}
+                                    "fc_hidden": [128, 64], "dropout": 0.0, "batch_norm": True}
     meta = json.loads((tmp_path / info1["key"] / "meta.json").read_text())
     assert meta["arch"] == "cnn" and meta["dataset_fingerprint"] == "rand-v1" and meta["train_seconds"] > 0
     assert meta["code_version"] == CODE_VERSION and meta["history"] == info1["history"]
@@ -70,11 +70,11 @@ def test_same_seed_trains_the_same_weights_in_separate_caches(tmp_path, data):
                                         ("attribute_autoencoder", "attribute_autoencoder")])
 def test_generative_kinds_train_and_hit(tmp_path, data, kind, arch):
     train_kwargs = {"epochs": 1} if kind != "attribute_autoencoder" else {"epochs": 1, "oracle_epochs": 1}
-    arch_kwargs = {"width": 4, "latent_dim": 4}
+    arch_kwargs = {"width": 4} if kind == "dcgan" else {"width": 4, "latent_dim": 4}  # dcgan: default 16
     module, info = zoo.get_or_train(kind, arch, arch_kwargs, data, "rand-v1", train_kwargs, 0, cache_dir=tmp_path)
     again, hit = zoo.get_or_train(kind, arch, arch_kwargs, data, "rand-v1", train_kwargs, 0, cache_dir=tmp_path)
     assert not info["cache_hit"] and hit["cache_hit"] and _same_weights(module, again)
-    assert hasattr(module, "decode")
+    assert hasattr(module, "decode") and module.latent_dim == (16 if kind == "dcgan" else 4)
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch, data):

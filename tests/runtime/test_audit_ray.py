@@ -6,6 +6,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from engine.data import load_dataset
 from engine.spec import AuditSpec, parse_spec
 from engine.store.results import result_files
 from engine.workflows.audit import audit
@@ -20,7 +21,8 @@ def small_spec(out: str, **changes) -> AuditSpec:
         "name": "small",
         "output": out,
         "dataset": {"name": "shapes", "options": {"size": 32, "n_train": 1500, "n_test": 200, "seed": 3}},
-        "fleet": [{"id": "cnn-b1", "train": {"arch": "cnn", "dataset_options": {"bias": 1.0}, "epochs": 3}}],
+        "fleet": [{"id": "cnn-b0", "train": {"arch": "cnn", "dataset_options": {"bias": 0.0}, "epochs": 3}},
+                  {"id": "cnn-b1", "train": {"arch": "cnn", "dataset_options": {"bias": 1.0}, "epochs": 3}}],
         "queries": {"count": QUERIES, "seed": 1},
         "targets": "flip",
         "methods": [{"name": "gradual_construction", "params": {"sigma": 30}},
@@ -40,13 +42,13 @@ def audited(tmp_path_factory, local_ray):
 def test_shards_rows_and_schema(audited):
     out, result = audited
     assert result.units_failed == []
-    assert result.units_done == result.units_total == 2 * 3  # 2 methods x ceil(40 / 16) units
+    assert result.units_done == result.units_total == 2 * 2 * 3  # 2 models x 2 methods x ceil(40 / 16)
     files = result_files(out)
-    assert len(files) == 6
-    assert all("/results/model=cnn-b1/method=" in f for f in files)
+    assert len(files) == 12
+    assert all("/results/model=cnn-b" in f and "/method=" in f for f in files)
     df = pl.read_parquet(files)  # plain polars reads every shard
-    assert df.height == 2 * QUERIES
-    assert df.group_by("method").len().sort("method")["len"].to_list() == [QUERIES, QUERIES]
+    assert df.height == 2 * 2 * QUERIES
+    assert df.group_by("model_id", "method").len()["len"].to_list() == [QUERIES] * 4
     assert df["query_id"].n_unique() == QUERIES
     assert set(df["status"].unique()) <= {"ok", "budget", "nan", "already"}
     table = pq.read_table(files[0])
@@ -61,8 +63,27 @@ def test_gradual_construction_validity(audited):
     out, result = audited
     summary = result.summary
     gc = summary.filter(pl.col("method") == "gradual_construction")
-    assert gc["validity"][0] > 0.8
-    assert pl.read_parquet(f"{out}/reports/summary.parquet").height == 2
+    assert (gc["validity"] > 0.8).all()
+    assert pl.read_parquet(f"{out}/reports/summary.parquet").height == 4
+
+
+def corner_share(out: str, model_id: str) -> float:
+    """Mean share of GC's |x_cf - x| that falls in the 4x4 top-left corner where `marker` is drawn."""
+    files = [f for f in result_files(out) if f"model={model_id}/method=gradual_construction" in f]
+    table = pq.read_table(files, partitioning=None)
+    x_cf = table.column("x_cf").combine_chunks().to_numpy_ndarray()
+    data = load_dataset("shapes", "test", size=32, n_train=1500, n_test=200, seed=3)
+    x = data.x[table.column("query_id").to_numpy()].numpy()
+    diff = np.abs(x_cf - x)
+    return float((diff[:, :, :4, :4].sum((1, 2, 3)) / diff.sum((1, 2, 3))).mean())
+
+
+def test_audit_finds_the_planted_confounder(audited):
+    """GC's counterfactuals for the model trained with marker <=> square edit the marker corner;
+    for the model trained without the confounder they edit the object instead."""
+    out, _ = audited
+    assert corner_share(out, "cnn-b1") > 0.5
+    assert corner_share(out, "cnn-b0") < 0.2
 
 
 def test_rerun_resumes_without_recomputing(audited):
