@@ -9,3 +9,5 @@ import torch  # noqa: E402
 
 # One intra-op thread: on a loaded 2-core machine more threads oversubscribe it (10x slower seen).
 torch.set_num_threads(1)
+
+pytest_plugins = ["tests.fixtures.zoo"]

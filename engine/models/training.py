@@ -9,7 +9,7 @@ torch RNG inside `seeded(seed)`, which restores the caller's RNG state afterward
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -86,7 +86,22 @@ def train_classifier(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 
     if num_classes is not None and num_classes != dataset.num_classes:
         raise ValueError(f"{type(module).__name__} has num_classes={num_classes} but dataset {dataset.name!r} "
                          f"has {dataset.num_classes} classes")
-    x, y = dataset.x.float(), dataset.y.long()
+    return _fit(module, dataset.x.float(), dataset.y.long(), F.cross_entropy, epochs=epochs,
+                batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
+
+
+def train_oracle(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 6, batch_size: int = 64,
+                 lr: float = 2e-3, seed: int = 0) -> tuple[nn.Module, History]:
+    """Multi-label BCE on `dataset.attributes`. module: x -> attribute logits [B, A]."""
+    _check_fits(module, dataset)
+    return _fit(module, dataset.x.float(), _attributes(dataset, module), F.binary_cross_entropy_with_logits,
+                epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, seed=seed)
+
+
+def _fit(module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, epochs: int, batch_size: int,
+         lr: float, weight_decay: float, seed: int) -> tuple[nn.Module, History]:
+    """Supervised Adam loop shared by the classifier and the oracle; history = mean loss per epoch."""
     history: History = []
     with seeded(seed):
         opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
@@ -94,28 +109,7 @@ def train_classifier(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 
         for _ in range(epochs):
             total = 0.0
             for idx in _batches(len(x), batch_size):
-                loss = F.cross_entropy(module(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            history.append(total / len(x))
-    return _finish(module, history)
-
-
-def train_oracle(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 6, batch_size: int = 64,
-                 lr: float = 2e-3, seed: int = 0) -> tuple[nn.Module, History]:
-    """Multi-label BCE on `dataset.attributes`. module: x -> attribute logits [B, A]."""
-    _check_fits(module, dataset)
-    x, a = dataset.x.float(), _attributes(dataset, module)
-    history: History = []
-    with seeded(seed):
-        opt = torch.optim.Adam(module.parameters(), lr=lr)
-        module.train()
-        for _ in range(epochs):
-            total = 0.0
-            for idx in _batches(len(x), batch_size):
-                loss = F.binary_cross_entropy_with_logits(module(x[idx]), a[idx])
+                loss = loss_fn(module(x[idx]), targets[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

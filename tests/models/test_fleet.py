@@ -1,0 +1,44 @@
+"""Fleet entries resolve to classifier handles: built-in (train-or-cache) and a user's TorchScript file."""
+import pytest
+import torch
+
+from engine.data import load_dataset
+from engine.models.fleet import resolve_classifier
+from engine.spec.audit import DatasetRef, FleetModel
+
+DIGITS = DatasetRef(name="digits")
+
+
+def test_builtin_entry_trains_then_hits_the_cache(tmp_path):
+    entry = FleetModel(id="d", train={"arch": "mlp", "epochs": 2})
+    logs = []
+    first = resolve_classifier(entry, DIGITS, str(tmp_path), log=logs.append)
+    second = resolve_classifier(entry, DIGITS, str(tmp_path), log=logs.append)
+    assert "trained" in logs[0] and "cache hit" in logs[1]
+    assert first.meta["cache_key"] == second.meta["cache_key"]
+    assert first.input_shape == (1, 8, 8) and first.num_classes == 10
+    x = load_dataset("digits", "test").x[:5]
+    assert torch.equal(first.logits(x), second.logits(x))
+
+
+class Linear(torch.nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, k)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_user_torchscript_entry(tmp_path):
+    path = tmp_path / "clf.ts"
+    torch.jit.script(Linear(10)).save(str(path))
+    handle = resolve_classifier(FleetModel(id="u", path=str(path)), DIGITS)
+    assert handle.meta["source"] == "file" and handle.predict(load_dataset("digits", "test").x[:3]).shape == (3,)
+
+
+def test_user_model_with_wrong_class_count_is_refused(tmp_path):
+    path = tmp_path / "clf.ts"
+    torch.jit.script(Linear(3)).save(str(path))
+    with pytest.raises(ValueError, match=r"expected \[1, 10\] logits"):
+        resolve_classifier(FleetModel(id="u", path=str(path)), DIGITS)
