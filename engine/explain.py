@@ -33,9 +33,34 @@ def explain_unit(method: Method, bundle: ModelBundle, x: torch.Tensor, query_ids
     """Run `method` on one unit of queries and return its results rows (store.results schema)."""
     batch, logits = build_queries(bundle, x, query_ids, labels, targets, seed)
     start = time.perf_counter()
-    cf = method.explain(batch, bundle).cpu()
+    cf = method.explain(batch, bundle)
     seconds = time.perf_counter() - start
-    return cf_to_table(batch.to("cpu"), torch.softmax(logits, -1).cpu(), cf, seconds, meta)
+    columns = {**meta, **attribute_columns(cf, bundle, batch.x)}
+    return cf_to_table(batch.to("cpu"), torch.softmax(logits, -1).cpu(), cf.cpu(), seconds, columns)
+
+
+def attribute_columns(cf: CFBatch, bundle: ModelBundle, x: torch.Tensor) -> dict:
+    """Latent distance, the method's attribute deltas and top attributes, and what the oracle reads changed."""
+    out: dict = {}
+    if cf.z0 is not None and cf.z_cf is not None:
+        out["z_l2"] = torch.nan_to_num((cf.z_cf - cf.z0).flatten(1).norm(dim=1), nan=float("inf")).cpu().numpy()
+    delta = cf.extras.get("attribute_delta")
+    if delta is None and cf.a0 is not None and cf.a_cf is not None:
+        delta = cf.a_cf - cf.a0
+    names = cf.extras.get("attribute_names") or (bundle.generator.attribute_names if bundle.generator else [])
+    if delta is not None and names:
+        values = delta.detach().float().cpu().numpy()
+        out["attribute_delta"] = [list(zip(names, map(float, row))) for row in values]
+    if "top_attributes" in cf.extras:
+        out["top_attributes"] = [list(map(str, row)) for row in cf.extras["top_attributes"]]
+    if bundle.oracle is not None:
+        with torch.no_grad():
+            before = bundle.oracle.logits(x) > 0
+            after = bundle.oracle.logits(torch.nan_to_num(cf.x_cf)) > 0
+        changed = (before != after).cpu()
+        out["oracle_changed"] = [[bundle.oracle.class_names[j] for j in row.nonzero().flatten().tolist()]
+                                 for row in changed]
+    return out
 
 
 def cf_to_table(batch: QueryBatch, p_orig: torch.Tensor, cf: CFBatch, seconds: float, meta: dict) -> pa.Table:
@@ -58,7 +83,15 @@ def cf_to_table(batch: QueryBatch, p_orig: torch.Tensor, cf: CFBatch, seconds: f
         "l0": dist["l0"].numpy(), "l1": torch.nan_to_num(dist["l1"], nan=float("inf")).numpy(),
         "l2": torch.nan_to_num(dist["l2"], nan=float("inf")).numpy(),
         "p_orig": p_orig.numpy(), "p_cf": p_cf.numpy(), "x_cf": x_cf.numpy(),
+        "reason": _reasons(cf),
     }
     if columns["n_features"] is None:
         columns["n_features"] = pa.nulls(n, pa.int64())
     return rows_to_table(columns, tuple(batch.x.shape[1:]), p_orig.shape[1])
+
+
+def _reasons(cf: CFBatch) -> list:
+    reason = cf.extras.get("reason")
+    if reason is None:
+        return [None if status == "ok" else status for status in cf.status]
+    return [None if r in (None, "") else str(r) for r in reason]

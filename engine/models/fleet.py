@@ -5,11 +5,12 @@ import time
 from typing import Optional
 
 import torch
+from torch import nn
 
 from engine.data import dataset_fingerprint, load_dataset
 from engine.data.base import ArrayDataset
-from engine.models.handles import ClassifierHandle
-from engine.spec.audit import DatasetRef, FleetModel
+from engine.models.handles import ClassifierHandle, GeneratorHandle
+from engine.spec.audit import DatasetRef, FleetModel, GeneratorEntry, OracleEntry
 
 def training_data(entry: FleetModel, dataset: DatasetRef) -> ArrayDataset:
     """The train split a built-in model learns from: the spec's dataset with the entry's overrides."""
@@ -47,5 +48,77 @@ def resolve_classifier(entry: FleetModel, dataset: DatasetRef, cache_dir: Option
         p.requires_grad_(False)
     handle = classifier_handle_from_module(module, entry.id, tuple(input_shape), list(class_names),
                                            tuple(value_range))
+    handle.meta.update(meta)
+    return handle
+
+
+# Built-in architecture each generator kind / the oracle trains when the spec names none.
+GENERATOR_ARCH = {"vae": "conv_vae", "dcgan": "dcgan_generator", "attribute_autoencoder": "attribute_autoencoder"}
+ORACLE_ARCH = "attribute_oracle"
+
+
+def _train_aux(kind: str, arch: str, train, dataset: DatasetRef, cache_dir: Optional[str], log) -> tuple:
+    from engine.models.zoo import get_or_train
+
+    data = load_dataset(dataset.name, "train", **{**dataset.options, **train.dataset_options})
+    start = time.perf_counter()
+    module, info = get_or_train(kind, arch, train.arch_options, data, dataset_fingerprint(data),
+                                train.train_kwargs(), train.seed, cache_dir)
+    log(f"  {kind}: {'cache hit' if info['cache_hit'] else 'trained'} ({time.perf_counter() - start:.1f}s, "
+        f"key {info['key'][:12]})")
+    return module, data, {"source": "builtin", "cache_key": info["key"]}
+
+
+def _load_file(entry, what: str, log) -> nn.Module:
+    from engine.models.loading import load_module
+
+    module = load_module(entry.path, format=entry.format, factory=entry.factory,
+                         factory_kwargs=entry.factory_kwargs, allow_pickle=entry.allow_pickle)
+    log(f"  {what}: loaded {entry.path}")
+    return module
+
+
+def _freeze(module: nn.Module, device: str | torch.device) -> nn.Module:
+    from engine.models.loading import eval_mode
+
+    module = eval_mode(module.to(device))
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def resolve_generator(entry: GeneratorEntry, dataset: DatasetRef, cache_dir: Optional[str] = None,
+                      device: str | torch.device = "cpu", log=print) -> GeneratorHandle:
+    """The spec's generative model as a GeneratorHandle (built-in: trained or cached; else a safe load)."""
+    if entry.train is not None:
+        arch = entry.train.arch or GENERATOR_ARCH[entry.kind]
+        module, data, meta = _train_aux(entry.kind, arch, entry.train, dataset, cache_dir, log)
+        latent_dim = int(module.hparams["latent_dim"])
+        names = list(data.attribute_names) if entry.kind == "attribute_autoencoder" else []
+    else:
+        module, meta = _load_file(entry, "generator", log), {"source": "file", "path": entry.path}
+        latent_dim, names = int(entry.latent_dim), list(entry.attribute_names)
+    if not hasattr(module, "decode"):
+        raise ValueError(f"generator {entry.path or entry.kind!r}: the module has no `decode(z[, a])` method")
+    return GeneratorHandle(module=_freeze(module, device), model_id=f"generator-{entry.kind}",
+                           latent_dim=latent_dim, attribute_names=names, meta=meta)
+
+
+def resolve_oracle(entry: OracleEntry, dataset: DatasetRef, cache_dir: Optional[str] = None,
+                   device: str | torch.device = "cpu", log=print) -> ClassifierHandle:
+    """The spec's attribute oracle: x -> attribute logits [B, A], named by the dataset's attributes."""
+    if entry.train is not None:
+        module, data, meta = _train_aux("oracle", entry.train.arch or ORACLE_ARCH, entry.train, dataset,
+                                        cache_dir, log)
+        names = list(data.attribute_names)
+        if not names:
+            raise ValueError(f"oracle: dataset {dataset.name!r} has no attributes to train an oracle on")
+    else:
+        module, meta = _load_file(entry, "oracle", log), {"source": "file", "path": entry.path}
+        data, names = load_dataset(dataset.name, "test", **dataset.options), list(entry.attribute_names)
+    from engine.models.loading import classifier_handle_from_module
+
+    handle = classifier_handle_from_module(_freeze(module, device), "oracle", data.input_shape, names,
+                                           data.value_range)
     handle.meta.update(meta)
     return handle

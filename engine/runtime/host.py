@@ -16,7 +16,7 @@ import torch
 from engine.data import load_dataset
 from engine.explain import explain_unit
 from engine.methods import config_hash, make_method
-from engine.models.fleet import resolve_classifier
+from engine.models.fleet import resolve_classifier, resolve_generator, resolve_oracle
 from engine.models.handles import ModelBundle
 from engine.spec.audit import AuditSpec
 from engine.store.results import shard_uri, write_shard
@@ -39,12 +39,19 @@ class ModelHost:
         self.entries = {m.id: m for m in self.spec.fleet}
         self.bundles: dict[str, ModelBundle] = {}
         self.spec_hash = self.spec.spec_hash()
+        quiet, cache = (lambda *_: None), self.spec.runtime.cache_dir
+        # The generator and the oracle are the domain's, shared by every model this actor hosts.
+        self.generator = None if self.spec.generator is None else resolve_generator(
+            self.spec.generator, self.spec.dataset, cache, self.device, log=quiet)
+        self.oracle = None if self.spec.oracle is None else resolve_oracle(
+            self.spec.oracle, self.spec.dataset, cache, self.device, log=quiet)
 
     def bundle(self, model_id: str) -> ModelBundle:
         if model_id not in self.bundles:
             handle = resolve_classifier(self.entries[model_id], self.spec.dataset, self.spec.runtime.cache_dir,
                                         self.device, log=lambda *_: None)
-            self.bundles[model_id] = ModelBundle(classifier=handle, reference=self.reference, device=self.device)
+            self.bundles[model_id] = ModelBundle(classifier=handle, generator=self.generator, oracle=self.oracle,
+                                                 reference=self.reference, device=self.device)
         return self.bundles[model_id]
 
     def run_unit(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -36,23 +36,78 @@ class TrainEntry(Strict):
         return {k: v for k, v in given.items() if v is not None}
 
 
-class FleetModel(Strict):
-    """One audited classifier: built-in (`train`) or a user's file (`path`)."""
+class FileSource(Strict):
+    """Where a user's model file is and how to load it safely."""
 
-    id: str = Field(pattern=ID_PATTERN)
-    train: Optional[TrainEntry] = None
     path: Optional[str] = None
     format: Literal["auto", "torchscript", "export", "state_dict", "pickle"] = "auto"
     factory: Optional[str] = Field(default=None, description="package.module:function building the module")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
     allow_pickle: bool = False
 
+    def _check_source(self, what: str, train: Any) -> None:
+        if (train is None) == (self.path is None):
+            raise ValueError(f"{what}: give exactly one of `train` (built-in) or `path` (your file)")
+        if self.format == "state_dict" and not self.factory:
+            raise ValueError(f"{what}: format state_dict needs `factory: package.module:function`")
+
+
+class FleetModel(FileSource):
+    """One audited classifier: built-in (`train`) or a user's file (`path`)."""
+
+    id: str = Field(pattern=ID_PATTERN)
+    train: Optional[TrainEntry] = None
+
     @model_validator(mode="after")
     def _one_source(self) -> "FleetModel":
-        if (self.train is None) == (self.path is None):
-            raise ValueError(f"model {self.id!r}: give exactly one of `train` (built-in) or `path` (your file)")
-        if self.format == "state_dict" and not self.factory:
-            raise ValueError(f"model {self.id!r}: format state_dict needs `factory: package.module:function`")
+        self._check_source(f"model {self.id!r}", self.train)
+        return self
+
+
+class AuxTrain(Strict):
+    """A built-in generator or oracle trained (or cached) on the spec's dataset."""
+
+    arch: Optional[str] = Field(default=None, description="zoo architecture; default: the kind's built-in one")
+    arch_options: dict[str, Any] = Field(default_factory=dict)
+    dataset_options: dict[str, Any] = Field(default_factory=dict)
+    epochs: Optional[int] = Field(default=None, gt=0)
+    batch_size: Optional[int] = Field(default=None, gt=0)
+    lr: Optional[float] = Field(default=None, gt=0)
+    train_options: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+
+    def train_kwargs(self) -> dict[str, Any]:
+        given = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        return {**{k: v for k, v in given.items() if v is not None}, **self.train_options}
+
+
+class GeneratorEntry(FileSource):
+    """The domain's generative model, shared by the fleet (methods that search a latent space need it)."""
+
+    kind: Literal["vae", "dcgan", "attribute_autoencoder"]
+    train: Optional[AuxTrain] = None
+    latent_dim: Optional[int] = Field(default=None, gt=0, description="required for a file")
+    attribute_names: list[str] = Field(default_factory=list, description="z ⊕ a models: names of a's entries")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "GeneratorEntry":
+        self._check_source("generator", self.train)
+        if self.path is not None and self.latent_dim is None:
+            raise ValueError("generator: a generator file needs `latent_dim`")
+        return self
+
+
+class OracleEntry(FileSource):
+    """An attribute classifier (x -> attribute logits) that reads what counterfactuals changed."""
+
+    train: Optional[AuxTrain] = None
+    attribute_names: list[str] = Field(default_factory=list, description="required for a file")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "OracleEntry":
+        self._check_source("oracle", self.train)
+        if self.path is not None and not self.attribute_names:
+            raise ValueError("oracle: an oracle file needs `attribute_names`")
         return self
 
 
@@ -89,6 +144,8 @@ class AuditSpec(Strict):
     overwrite: bool = False
     dataset: DatasetRef
     fleet: list[FleetModel] = Field(min_length=1)
+    generator: Optional[GeneratorEntry] = None
+    oracle: Optional[OracleEntry] = None
     queries: QuerySpec = QuerySpec()
     targets: Target = "second"
     methods: list[MethodEntry] = Field(min_length=1)
@@ -103,7 +160,7 @@ class AuditSpec(Strict):
 
     @model_validator(mode="after")
     def _unique_and_known(self) -> "AuditSpec":
-        from engine.methods import make_config, method_names
+        from engine.methods import get_method_class, make_config, method_names
 
         ids = [m.id for m in self.fleet]
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -117,6 +174,13 @@ class AuditSpec(Strict):
             if entry.name not in known:
                 raise ValueError(f"methods[{i}].name: unknown method {entry.name!r}; expected one of {known}")
             make_config(entry.name, entry.params)  # raises naming the bad parameter
+            needs = get_method_class(entry.name).requires
+            if self.generator is None and ("generator" in needs or "encoder" in needs):
+                raise ValueError(f"methods[{i}]: {entry.name!r} needs a generative model; add a `generator` "
+                                 "entry (kind vae, dcgan or attribute_autoencoder)")
+            if "encoder" in needs and self.generator is not None and self.generator.kind == "dcgan":
+                raise ValueError(f"methods[{i}]: {entry.name!r} needs a generator with an encoder; a dcgan has "
+                                 "none (use vae or attribute_autoencoder)")
         return self
 
     def spec_hash(self) -> str:

@@ -45,6 +45,11 @@ SCALAR_FIELDS: list[pa.Field] = [
     pa.field("l0", pa.int64(), nullable=False),              # features changed by >= 1e-3 (GC Eq. 9)
     pa.field("l1", pa.float32(), nullable=False),
     pa.field("l2", pa.float32(), nullable=False),            # GC Eq. 10
+    pa.field("reason", pa.string(), nullable=True),          # why a query did not succeed, in words
+    pa.field("z_l2", pa.float32(), nullable=True),           # ||z_cf - z0||_2 for latent-space methods
+    pa.field("attribute_delta", pa.map_(pa.string(), pa.float32()), nullable=True),  # a_cf - a0 by name
+    pa.field("top_attributes", pa.list_(pa.string()), nullable=True),  # the method's most-changed attributes
+    pa.field("oracle_changed", pa.list_(pa.string()), nullable=True),  # attributes the oracle reads differently
 ]
 
 
@@ -71,9 +76,12 @@ def rows_to_table(columns: dict[str, np.ndarray], input_shape: Sequence[int], nu
             arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(
                 np.ascontiguousarray(columns["x_cf"], np.float32)))
         else:
-            value = columns[f.name]
+            value = columns.get(f.name)
             if isinstance(value, pa.Array):
                 arrays.append(value.cast(f.type))
+                continue
+            if value is None:
+                arrays.append(pa.nulls(n, f.type))
                 continue
             if isinstance(value, (str, int, float)):
                 value = [value] * n

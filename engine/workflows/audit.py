@@ -8,7 +8,7 @@ from typing import Callable
 import polars as pl
 
 from engine.data import load_dataset
-from engine.models.fleet import resolve_classifier
+from engine.models.fleet import resolve_classifier, resolve_generator, resolve_oracle
 from engine.runtime.plan import plan_units, select_queries, unit_row
 from engine.spec.audit import AuditSpec
 from engine.store.results import finished_units
@@ -61,6 +61,10 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         # Train or fetch every built-in model once here, so the hosts only read the cache.
         for entry in spec.fleet:
             resolve_classifier(entry, spec.dataset, spec.runtime.cache_dir, log=log)
+        if spec.generator is not None:
+            resolve_generator(spec.generator, spec.dataset, spec.runtime.cache_dir, log=log)
+        if spec.oracle is not None:
+            resolve_oracle(spec.oracle, spec.dataset, spec.runtime.cache_dir, log=log)
     with stages.stage("plan"):
         claim_output(spec)
         units = plan_units(spec, query_ids)

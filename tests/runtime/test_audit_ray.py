@@ -99,7 +99,16 @@ def test_output_of_another_spec_is_refused(audited):
 
 
 def test_ray_stays_on_loopback(audited):
+    """Every TCP connection of this process and its descendants (raylet, GCS, workers) is on loopback."""
+    import os
+
+    import psutil
+
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
     lines = subprocess.run(["ss", "-tnp"], capture_output=True, text=True).stdout.splitlines()[1:]
-    ours = [line for line in lines if "ray" in line or "raylet" in line or "gcs_server" in line or "python" in line]
-    remote = [line for line in ours if line.split()[4].rsplit(":", 1)[0] not in ("127.0.0.1", "[::1]", "[::ffff:127.0.0.1]")]
+    mine = [line for line in lines if any(f"pid={pid}," in line for pid in ours)]
+    assert mine, "expected Ray's own connections to be visible"
+    loopback = ("127.0.0.1", "[::1]", "[::ffff:127.0.0.1]")
+    remote = [line for line in mine if line.split()[4].rsplit(":", 1)[0] not in loopback
+              or line.split()[3].rsplit(":", 1)[0] not in loopback]
     assert remote == [], remote

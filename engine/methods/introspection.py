@@ -1,0 +1,272 @@
+"""Generative counterfactual introspection (Liu et al., "Generative Counterfactual Introspection for
+Explainable Deep Learning"): edit the query through a generator, min λ·loss_{C,c′}(I(A′)) + ‖I − I(A′)‖₁
+(Eq. 2), with λ set per query by bisection for the smallest change that still reaches c′ (§3.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from engine.methods import losses
+from engine.methods.base import Method, register
+from engine.methods.bisection import LambdaBisection
+from engine.methods.search import AdamState, all_finite, begin, check_field, clamp_st, descend, finish
+from engine.models.handles import GeneratorHandle, ModelBundle
+from engine.types import CFBatch, QueryBatch
+
+NAME = "introspection"
+MODES = ("auto", "attribute", "latent")
+ABORT_RTOL = 1e-4  # a round stops for a query whose loss fell < 0.01% over a tenth of the steps (C&W's abort)
+
+
+@dataclass(frozen=True)
+class IntrospectionConfig:
+    mode: str = "auto"              # "attribute": A′ of an editor G(I; A′) (§4.2); "latent": L′ of G(L′) (§4.1); auto
+    lam_init: float = 1.0           # λ of the first round (Eq. 2); not given in the paper (see class doc)
+    n_rounds: int = 8               # bisection rounds on λ (§3.2 "bisection search"; count not given, C&W use 9)
+    steps: int = 100                # Adam steps on Eq. 2 per round (the paper: "gradient descent", no count)
+    lr: float = 0.05                # Adam step size on A′ ∈ [0, 1] or on the latent
+    lam_factor: float = 10.0        # λ ×/÷ this until both ends of the bracket are known (C&W's ×10)
+    lam_min: float = 1e-3           # λ bounds; valid at lam_min or invalid at lam_max ends the search
+    lam_max: float = 1e4
+    prototypes: bool = True         # target == prediction: a prototype (c′ = c, §3.1) instead of status "already"
+    prototype_gain: float = 1.0     # a prototype must raise z_c − max_{k≠c} z_k by this many nats (forbids A′ = A)
+    frozen_attributes: tuple[str, ...] = ()  # attributes A′ keeps at A, e.g. young/old in §4.2
+    attribute_range: tuple[float, float] = (0.0, 1.0)  # A′ is projected onto this box (the editor's training range)
+    top_k: int = 5                  # extras["top_attributes"]: the k most changed attributes (Fig. 6, 8: top five)
+
+    def __post_init__(self) -> None:
+        check_field(self.mode in MODES, NAME, "mode", f"one of {list(MODES)}", self.mode)
+        for name in ("lam_init", "lam_min", "lam_max", "lr"):
+            check_field(getattr(self, name) > 0.0, NAME, name, "> 0", getattr(self, name))
+        check_field(self.lam_min <= self.lam_init <= self.lam_max, NAME, "lam_init", "in [lam_min, lam_max]",
+                    self.lam_init)
+        check_field(self.lam_factor > 1.0, NAME, "lam_factor", "> 1", self.lam_factor)
+        for name in ("n_rounds", "steps", "top_k"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value >= 1, NAME, name, "an integer >= 1", value)
+        check_field(self.prototype_gain > 0.0, NAME, "prototype_gain", "> 0", self.prototype_gain)
+        names = self.frozen_attributes
+        check_field(not isinstance(names, str) and all(isinstance(n, str) for n in names), NAME,
+                    "frozen_attributes", "a sequence of attribute names", names)
+        rng = tuple(self.attribute_range)
+        check_field(len(rng) == 2 and all(isinstance(v, (int, float)) for v in rng) and rng[0] < rng[1], NAME,
+                    "attribute_range", "a pair (lo, hi) with lo < hi", self.attribute_range)
+        # Specs arrive as YAML lists; tuples keep the config hashable.
+        object.__setattr__(self, "frozen_attributes", tuple(names))
+        object.__setattr__(self, "attribute_range", (float(rng[0]), float(rng[1])))
+
+
+@register
+class Introspection(Method):
+    """Liu et al.'s minimal-change counterfactual (Eq. 1) through its relaxation (Eq. 2), batched over queries.
+
+    Attribute mode: (z, A) = encode(I), I(A′) = decode(z, A′) with z fixed; A′ starts at A and lives in
+    `attribute_range`; frozen attributes stay at A. Latent mode: L₀ = encode(I), I(L′) = decode(L′)
+    (decode(L′, A) for an attribute generator). I(·) is clamped into the classifier's value_range.
+
+    Loss per query: λ·CE(C(I(A′)), c′) + ‖I − I(A′)‖₁ against the query I itself, so A′ = A still pays the
+    generator's reconstruction error. Prototypes (c′ = c, §3.1) replace the CE, which is flat for a confident
+    classifier, by the paper's "alternating loss ... which maximize class confidence": the hinge
+    λ·max(0, g_ref + prototype_gain − g(I(A′))) on the logit gap g = z_c − max_{k≠c} z_k, with g_ref the larger
+    gap of I and of the reconstruction I(A). A prototype is valid only with that gain, so A′ = A never is.
+
+    λ search (§3.2: "repeatedly solve this optimization problem ... updating λ using bisection search"):
+    every query keeps its own bracket (`LambdaBisection`); the batch runs each round together. A round
+    restarts Eq. 2 from A (or L₀) with a fresh Adam for `steps` steps; a query leaves the round early once
+    its loss stalls. A round is valid for a query if any iterate reached c′ (argmax; plus the gain for a
+    prototype). The answer is the valid iterate with the smallest L1 over all rounds; without one, the last
+    iterate of the last round (largest λ tried), status "budget".
+
+    Defaults: the paper gives no λ, step size, iteration or round count. λ₀ = 1 with ×10 expansion in
+    [1e-3, 1e4] covers CE-vs-L1 balances on images with a few thousand pixels; 8 rounds with 100 Adam
+    steps (lr 0.05 on A′ ∈ [0, 1]) settle λ to within a factor ~1.5 (C&W's binary search uses 9 rounds).
+
+    Output: x_cf = I(A′*); a0/a_cf (attribute mode) or z0/z_cf (latent mode); extras: "attribute_delta"
+    [B, A] (A′* − A, or L′* − L₀ in latent mode), "top_attributes" (per query, the top_k names by |Δ|,
+    changed entries only; latent coordinates are named "z<i>", the paper's "latent representations as
+    our attributes"), "lambda" [B] (λ of the round that gave x_cf; NaN if no search ran), "prototype" [B].
+    """
+
+    name = NAME
+    Config = IntrospectionConfig
+    requires = ("classifier", "generator", "encoder")
+
+    def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
+        self.check_models(models)
+        cfg, handle, gen = self.config, models.classifier, models.generator
+        attribute_mode, frozen = self._resolve(gen)
+        state = begin(NAME, batch, models)
+        x, target = state.x, state.target
+        n, device = len(x), x.device
+        lo_x, hi_x = (float(v) for v in handle.value_range)
+
+        # Prototypes: the target is the prediction (begin() marked these "already").
+        proto = state.already & cfg.prototypes
+        state.already &= ~proto
+        state.active |= proto
+
+        z0, a0 = self._encode(gen, x, attribute_mode)
+        state.freeze(torch.arange(n, device=device), state.active & ~(all_finite(z0) & all_finite(a0)), nan=True)
+        started = state.active.clone()
+        if attribute_mode:
+            frozen = frozen.to(device)
+            start = a0.clamp(*cfg.attribute_range)
+            bounds: Optional[tuple[float, float]] = cfg.attribute_range
+        else:
+            start, bounds = z0.clone(), None
+
+        def render(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            if attribute_mode:
+                out = gen.decode(z0[rows], torch.where(frozen, a0[rows], p))
+            else:
+                out = gen.decode(p, a0[rows] if gen.attribute_names else None)
+            return clamp_st(out.float(), lo_x, hi_x)
+
+        # Prototype goal: the gain over the query and over the trivial edit A′ = A; criticisms need no gap.
+        need = torch.full((n,), float("-inf"), device=device)
+        if bool((proto & started).any()):
+            rows = (proto & started).nonzero().squeeze(1)
+            with torch.no_grad():
+                g_rec = losses.target_gap(handle.logits(render(start[rows], rows)).float(), target[rows])
+            g_x = losses.target_gap(state.logits_orig[rows], target[rows])
+            need[rows] = torch.maximum(g_x, g_rec) + cfg.prototype_gain
+
+        def valid(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            t = target[rows]
+            return all_finite(logits) & (logits.argmax(1) == t) & (losses.target_gap(logits, t) >= need[rows])
+
+        bis = LambdaBisection.start(n, cfg.lam_init, factor=cfg.lam_factor, lam_min=cfg.lam_min,
+                                    lam_max=cfg.lam_max, device=device)
+        lam = bis.lam.float()
+        best = start.clone()                                    # best valid parameter so far
+        best_l1 = torch.full((n,), float("inf"), device=device)
+        best_lam = torch.full((n,), float("nan"), device=device)
+        last = start.clone()                                    # last iterate of the last round run
+        last_lam = torch.full((n,), float("nan"), device=device)
+        round_valid = torch.zeros(n, dtype=torch.bool, device=device)
+        seen = torch.zeros(n, dtype=torch.int64, device=device)         # evaluations in this round
+        checkpoint = torch.full((n,), float("inf"), device=device)     # loss at the last abort check
+        every = max(1, cfg.steps // 10)
+
+        def evaluate(p: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Eq. 2 per row; records valid iterates (smallest L1 wins). Returns (loss, logits)."""
+            x_new = render(p, rows)
+            logits = handle.logits(x_new).float()
+            t = target[rows]
+            dist = losses.l1_distance(x_new, x[rows])
+            push = torch.where(proto[rows], (need[rows] - losses.target_gap(logits, t)).clamp_min(0.0),
+                               losses.cross_entropy_to_target(logits, t))
+            with torch.no_grad():
+                ok = valid(logits.detach(), rows) & torch.isfinite(dist)
+                round_valid[rows] |= ok
+                better = ok & (dist.detach() < best_l1[rows])
+                hit = rows[better]
+                best[hit] = p.detach()[better]
+                best_l1[hit] = dist.detach()[better]
+                best_lam[hit] = lam[hit]
+            return lam[rows] * push + dist, logits
+
+        def objective(p: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            loss, _ = evaluate(p, rows)
+            value, k = loss.detach(), seen[rows]
+            check = (k > 0) & (k % every == 0)
+            stalled = check & ~(value < checkpoint[rows] * (1.0 - ABORT_RTOL))
+            checkpoint[rows] = torch.where(check | (k == 0), value, checkpoint[rows])
+            seen[rows] += 1
+            return loss, stalled
+
+        searching = started.clone()
+        for _ in range(cfg.n_rounds):
+            searching &= ~state.nan & ~bis.settled
+            if not bool(searching.any()):
+                break
+            state.active = searching.clone()
+            lam = bis.lam.float()
+            round_valid.zero_()
+            seen.zero_()
+            param = descend(start, objective, state, AdamState.zeros_like(start), steps=cfg.steps, lr=cfg.lr,
+                            bounds=bounds)
+            # descend evaluates each iterate before stepping it, so the final one is scored here.
+            rows = (searching & ~state.nan).nonzero().squeeze(1)
+            if rows.numel():
+                with torch.no_grad():
+                    _, logits = evaluate(param[rows], rows)
+                state.freeze(rows, ~all_finite(logits), nan=True)
+            last[searching] = param[searching]
+            last_lam[searching] = lam[searching]
+            bis.update(searching & ~state.nan, round_valid)
+        state.active.zero_()
+
+        found = torch.isfinite(best_l1)
+        final = torch.where(found.view(-1, 1), best, last)
+        everything = torch.arange(n, device=device)
+        with torch.no_grad():
+            x_cf = render(final, everything) if n else x.clone()
+        bad = started & ~all_finite(x_cf)
+        state.nan |= bad
+        keep = started & ~bad
+        x_cf = torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x_cf, x).detach()
+        base = a0 if attribute_mode else z0
+        if attribute_mode:
+            final = torch.where(frozen, a0, final)
+        final = torch.where(keep.view(-1, 1), final, base).detach()
+        delta = torch.where(keep.view(-1, 1), final - base, torch.zeros_like(final))
+        names = list(gen.attribute_names) if attribute_mode else [f"z{i}" for i in range(final.shape[1])]
+        chosen = torch.where(found, best_lam, last_lam)
+
+        need_gain = need
+        out = finish(state, x_cf, handle,
+                     criterion=lambda logits, t: losses.target_gap(logits, t) >= need_gain,
+                     budget_reason=f"no edit reached the target in {cfg.n_rounds} rounds of {cfg.steps} steps "
+                                   f"(largest lambda tried {cfg.lam_max:g} at most)",
+                     extras={"attribute_delta": delta, "top_attributes": top_changed(delta, names, cfg.top_k),
+                             "lambda": chosen, "prototype": proto.clone()})
+        if attribute_mode:
+            out.a0, out.a_cf = a0, final
+        else:
+            out.z0, out.z_cf = z0, final
+        return out
+
+    def _resolve(self, gen: GeneratorHandle) -> tuple[bool, Optional[torch.Tensor]]:
+        """(attribute mode?, frozen mask [A] bool); config errors that need the generator."""
+        cfg, names = self.config, list(gen.attribute_names)
+        attribute_mode = cfg.mode == "attribute" or (cfg.mode == "auto" and bool(names))
+        if attribute_mode and not names:
+            raise ValueError(f"{NAME}: mode 'attribute' needs an attribute-conditioned generator, but generator "
+                             f"{gen.model_id!r} has no attribute_names; use mode 'latent'")
+        if cfg.frozen_attributes and not attribute_mode:
+            raise ValueError(f"{NAME}: frozen_attributes {list(cfg.frozen_attributes)} need attribute mode, "
+                             f"but the search runs in latent mode on generator {gen.model_id!r}")
+        unknown = [a for a in cfg.frozen_attributes if a not in names]
+        if unknown:
+            raise ValueError(f"{NAME}: unknown frozen_attributes {unknown}; generator {gen.model_id!r} has "
+                             f"attributes {names}")
+        if not attribute_mode:
+            return False, None
+        return True, torch.tensor([a in cfg.frozen_attributes for a in names], dtype=torch.bool)
+
+    @staticmethod
+    def _encode(gen: GeneratorHandle, x: torch.Tensor, attribute_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z [B, L], A [B, n_attr]) float32; A is [B, 0] for an unconditional generator."""
+        with torch.no_grad():
+            z, a = gen.encode(x)
+        z = z.float().flatten(1)
+        names = list(gen.attribute_names)
+        if not names:
+            return z, torch.zeros((len(x), 0), device=x.device)
+        if a is None or a.dim() != 2 or a.shape[1] != len(names):
+            got = None if a is None else list(a.shape)
+            raise ValueError(f"{NAME}: generator {gen.model_id!r} has {len(names)} attributes {names} but its "
+                             f"encoder returned attributes of shape {got}")
+        return z, a.float()
+
+
+def top_changed(delta: torch.Tensor, names: list[str], k: int) -> list[list[str]]:
+    """Per query, the names of the (at most) k entries with the largest |Δ| > 0, largest first (Fig. 6, 8)."""
+    size = delta.abs()
+    order = torch.sort(size, dim=1, descending=True, stable=True).indices[:, :k].tolist()
+    changed = (size > 0).tolist()
+    return [[names[j] for j in row if moved[j]] for row, moved in zip(order, changed)]
