@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -28,9 +29,17 @@ def build_queries(bundle: ModelBundle, x: torch.Tensor, query_ids: torch.Tensor,
     return batch, logits[rows]
 
 
+def bundle_for(method: Method, bundle: ModelBundle) -> ModelBundle:
+    """The bundle as `method` sees it: a z ⊕ a generator as one latent unless it uses attributes."""
+    if bundle.generator is not None and not method.uses_attributes:
+        return replace(bundle, generator=bundle.generator.joint())
+    return bundle
+
+
 def explain_unit(method: Method, bundle: ModelBundle, x: torch.Tensor, query_ids: torch.Tensor,
                  labels: torch.Tensor, targets: TargetMode, seed: int, meta: dict) -> pa.Table:
     """Run `method` on one unit of queries and return its results rows (store.results schema)."""
+    bundle = bundle_for(method, bundle)
     batch, logits = build_queries(bundle, x, query_ids, labels, targets, seed)
     start = time.perf_counter()
     cf = method.explain(batch, bundle)

@@ -12,7 +12,7 @@ from engine.workflows.bench import bench
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(demo_spec_path()), help="job spec giving model, data, settings")
-    parser.add_argument("--methods", nargs="+", default=["gradual_construction", "wachter"])
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every method of the spec")
     parser.add_argument("--batch", type=int, default=256, help="queries in the batched call")
     parser.add_argument("--loop-queries", type=int, default=32, help="queries timed one at a time")
     parser.add_argument("--repeats", type=int, default=3, help="batched repeats (median reported)")

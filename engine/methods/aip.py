@@ -62,6 +62,7 @@ class AIP(Method):
     name = NAME
     Config = AIPConfig
     requires = ("classifier", "encoder")
+    uses_attributes = True  # the runtime hands AIP the z ⊕ a generator as it is, not its joint() view
 
     def check_models(self, models: ModelBundle) -> None:
         super().check_models(models)

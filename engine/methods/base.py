@@ -22,6 +22,9 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type]
     requires: ClassVar[tuple[str, ...]] = ("classifier",)
+    # True when the method works with the attribute part a of a z ⊕ a generator (AIP, GCI); other
+    # latent methods get the generator's `joint()` view, whose latent is z ⊕ a as one vector.
+    uses_attributes: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         self.config = make_config(self.name, overrides, base=config)

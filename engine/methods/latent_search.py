@@ -66,11 +66,12 @@ def find_z0(method: str, batch: QueryBatch, state: SearchState, generator: Gener
     """
     x, device = state.x, state.x.device
     k = int(generator.latent_dim)
+    _check_output_shape(method, generator, handle, device)
     a0 = None
     with torch.no_grad():
         if generator.has_encoder:
             z0, a0 = generator.encode(x) if len(x) else (torch.zeros((0, k), device=device), None)
-            z0 = z0.float().reshape(len(x), -1)
+            z0 = z0.float().flatten(1)
             a0 = None if a0 is None or not generator.attribute_names else a0.float()
         elif generator.attribute_names:
             raise ValueError(f"{method}: generator {generator.model_id!r} is attribute-informed but has no encoder; "
@@ -86,14 +87,23 @@ def find_z0(method: str, batch: QueryBatch, state: SearchState, generator: Gener
     everything = torch.arange(len(x), device=device)
     with torch.no_grad():
         latent.g0 = latent.decode(latent.z0, everything) if len(x) else x.clone()
-    if tuple(latent.g0.shape) != tuple(x.shape):
-        raise ValueError(f"{method}: generator {generator.model_id!r} decodes to {list(latent.g0.shape[1:])}, "
-                         f"the classifier {handle.model_id!r} takes {list(x.shape[1:])}")
     bad = ~all_finite(latent.z0) | ~all_finite(latent.g0)
     state.freeze(everything, bad, nan=True)
     # A non-finite row must not poison the others through `x + G(z) − g0`; its values are never used.
     latent.g0 = torch.where(rows_view(bad, latent.g0), x, latent.g0)
     return latent
+
+
+def _check_output_shape(method: str, generator: GeneratorHandle, handle: ClassifierHandle,
+                        device: torch.device) -> None:
+    """Decode one latent up front, so a generator for other data fails with a ValueError, not inside a conv."""
+    z = torch.zeros((1, int(generator.latent_dim)), device=device)
+    a = torch.zeros((1, len(generator.attribute_names)), device=device) if generator.attribute_names else None
+    with torch.no_grad():
+        shape = tuple(generator.decode(z, a).shape[1:])
+    if shape != tuple(handle.input_shape):
+        raise ValueError(f"{method}: generator {generator.model_id!r} decodes to {list(shape)}, but the classifier "
+                         f"{handle.model_id!r} takes {list(handle.input_shape)}")
 
 
 def _invert(latent: Latent, state: SearchState, handle: ClassifierHandle, *, steps: int, lr: float,
@@ -122,9 +132,9 @@ def finish_latent(state: SearchState, latent: Latent, z: torch.Tensor, handle: C
     """Decode the final latents and assemble the CFBatch (the latent twin of `search.finish`).
 
     success(logits_cf [B, K], target [B]) -> ([B] bool, extras) is the method's whole validity criterion
-    (CDeepEx's does not ask for argmax = target) plus any per-query diagnostics for CFBatch.extras. Rows that never moved (already, nan at the start) get x_cf = x
-    exactly. explanation = G(z0) − G(z_cf) (CDeepEx Alg. 1 l.4); z0, z_cf and extras["residual"] = Δ.
-    status: "nan" > "already" > "ok" > "budget".
+    (CDeepEx's does not ask for argmax = target) and its per-query diagnostics for CFBatch.extras. Rows
+    that never moved (already, nan at the start) get x_cf = x exactly. explanation = G(z0) − G(z_cf)
+    (CDeepEx Alg. 1 l.4); z0, z_cf and extras["residual"] = Δ. status: "nan" > "already" > "ok" > "budget".
     """
     x = state.x
     everything = torch.arange(len(x), device=x.device)

@@ -64,6 +64,36 @@ class GeneratorHandle:
         return out if isinstance(out, tuple) else (out, None)
 
 
+    def joint(self) -> "GeneratorHandle":
+        """This attribute-informed generator seen as a plain one whose latent is z ⊕ a [B, k + A].
+
+        Methods that search an unstructured latent space (xGEM, CDeepEx) use it: encode gives z0 ⊕ a0,
+        decode splits the vector again. A generator without attributes is returned as it is.
+        """
+        if not self.attribute_names:
+            return self
+        return GeneratorHandle(module=_JointLatent(self.module, self.latent_dim), model_id=f"{self.model_id}-joint",
+                               latent_dim=self.latent_dim + len(self.attribute_names), meta=dict(self.meta))
+
+
+class _JointLatent(nn.Module):
+    """decode(z ⊕ a) and encode(x) -> z ⊕ a over an attribute-informed module."""
+
+    def __init__(self, inner: nn.Module, latent_dim: int) -> None:
+        super().__init__()
+        self.inner, self.k = inner, latent_dim
+
+    def decode(self, za: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(za[:, :self.k], za[:, self.k:])
+
+    def forward(self, za: torch.Tensor) -> torch.Tensor:
+        return self.decode(za)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z, a = self.inner.encode(x)
+        return torch.cat([z, a], dim=1)
+
+
 @dataclass
 class ModelBundle:
     """What a method may use for one audited model; everything but the classifier is optional.

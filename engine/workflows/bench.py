@@ -10,12 +10,12 @@ import torch
 
 from engine.data import load_dataset
 from engine.methods import make_method
-from engine.models.fleet import resolve_classifier
+from engine.models.fleet import resolve_classifier, resolve_generator, resolve_oracle
 from engine.models.handles import ModelBundle
 from engine.runtime.host import pick_device
 from engine.runtime.plan import select_queries
 from engine.spec import AuditSpec, load_spec
-from engine.explain import build_queries
+from engine.explain import build_queries, bundle_for
 
 
 @dataclass
@@ -29,7 +29,7 @@ class BenchRow:
     loop_validity: float
 
 
-def bench(spec_path: str, methods: list[str], batch: int = 256, loop_queries: int = 32, repeats: int = 3,
+def bench(spec_path: str, methods: list[str] | None, batch: int = 256, loop_queries: int = 32, repeats: int = 3,
           device: str = "auto", params: dict[str, dict] | None = None,
           log: Callable[[str], None] = print) -> list[BenchRow]:
     """Both timings run in this one process, side by side, on the same queries and settings."""
@@ -40,13 +40,18 @@ def bench(spec_path: str, methods: list[str], batch: int = 256, loop_queries: in
     reference = load_dataset(spec.dataset.name, "train", **spec.dataset.options)
     data = load_dataset(spec.dataset.name, spec.queries.split, **spec.dataset.options)
     ids = select_queries(data, batch, spec.queries.seed)
-    bundle = ModelBundle(classifier=handle, reference=reference, device=dev)
-    queries, _ = build_queries(bundle, data.x[ids], ids, data.y[ids], spec.targets, spec.seed)
+    cache = spec.runtime.cache_dir
+    generator = None if spec.generator is None else resolve_generator(spec.generator, spec.dataset, cache, dev, log)
+    oracle = None if spec.oracle is None else resolve_oracle(spec.oracle, spec.dataset, cache, dev, log)
+    full_bundle = ModelBundle(classifier=handle, generator=generator, oracle=oracle, reference=reference,
+                              device=dev)
+    queries, _ = build_queries(full_bundle, data.x[ids], ids, data.y[ids], spec.targets, spec.seed)
     log(f"bench: model {entry.id}, {len(queries)} queries, device {dev}, torch threads {torch.get_num_threads()}")
     spec_params = {m.name: m.params for m in spec.methods}
     rows = []
-    for name in methods:
+    for name in methods or list(spec_params):
         method = make_method(name, {**spec_params.get(name, {}), **(params or {}).get(name, {})})
+        bundle = bundle_for(method, full_bundle)
         method.explain(queries.select(slice(0, 2)), bundle)  # warm-up (reference statistics, allocator)
         batched, ok = [], 0.0
         for _ in range(repeats):

@@ -4,7 +4,7 @@ breast cancer (min-max normalised). Self-contained: no dependency on the engine'
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import pytest
@@ -35,7 +35,7 @@ class Task:
     def with_module(self, module: nn.Module) -> ModelBundle:
         h = self.handle
         handle = ClassifierHandle(module, h.model_id + "-wrapped", h.input_shape, h.class_names, h.value_range)
-        return ModelBundle(classifier=handle, reference=self.bundle.reference, device=self.bundle.device)
+        return replace(self.bundle, classifier=handle)  # keeps the generator and reference
 
     def queries(self, n: int, *, offset: int = 0, seed: int = 0) -> QueryBatch:
         """The first n correctly classified test samples from `offset`, each aimed at its second most likely class."""

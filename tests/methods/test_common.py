@@ -1,7 +1,8 @@
 """Cross-method table: every registered method runs through the same checks on both test classifiers.
 
 A new method joins automatically; give it a cheap budget in FAST if its defaults are slow on a CPU.
-Methods that need a generator or encoder are skipped here (these bundles hold classifiers only).
+Classifier-only methods run on digits and cancer; a method that needs a generator runs on `shapes`
+(the confounded CNN) with the generator fixture it names in GENERATOR, and is skipped until it names one.
 """
 from __future__ import annotations
 
@@ -12,28 +13,43 @@ import pytest
 import torch
 
 from engine.methods import config_hash, get_method_class, make_method, method_names
+from engine.models.handles import ModelBundle
 from engine.types import STATUS_ALREADY, STATUS_BUDGET, STATUS_NAN, STATUS_OK, CFBatch, QueryBatch
 from tests.methods.conftest import NaNNear, Task
 
-FAST = {"gradual_construction": {"sigma": 30, "max_features": 10}, "wachter": {"max_iter": 300}}
+FAST = {"gradual_construction": {"sigma": 30, "max_features": 10}, "wachter": {"max_iter": 300},
+        "aip": {"n_max": 100},  # β^100 ≈ 3e-5: AIP's steps have vanished long before its default 500
+        "introspection": {"n_rounds": 3, "steps": 30, "prototypes": False}}  # prototypes off: "already" stays
 PER_KIND = {("gradual_construction", "tabular"): {"tau": 0.5}}  # GC §4.4.2
 STATUSES = {STATUS_OK, STATUS_BUDGET, STATUS_NAN, STATUS_ALREADY}
 
 METHODS = method_names()
-TASKS = ["digits", "cancer"]
+TASKS = ["digits", "cancer", "shapes"]
+GENERATOR = {"aip": "shapes_attribute_autoencoder",  # method -> generator fixture for the `shapes` bundle
+             "introspection": "shapes_attribute_autoencoder"}
 
 
 def build(name: str, task: Task, **params):
-    cls = get_method_class(name)
-    missing = {"generator", "encoder"} & set(cls.requires)
-    if missing:
-        pytest.skip(f"{name} needs {sorted(missing)}; the table's bundles hold classifiers only")
     return make_method(name, {**FAST.get(name, {}), **PER_KIND.get((name, task.kind), {}), **params})
+
+
+def needs_generator(name: str) -> bool:
+    return bool({"generator", "encoder"} & set(get_method_class(name).requires))
 
 
 @pytest.fixture(params=TASKS)
 def task(request) -> Task:
-    return request.getfixturevalue(request.param)
+    name = request.node.callspec.params["name"]
+    if needs_generator(name) != (request.param == "shapes"):
+        pytest.skip(f"{name} runs on {'shapes' if needs_generator(name) else 'digits and cancer'} only")
+    if request.param != "shapes":
+        return request.getfixturevalue(request.param)
+    if name not in GENERATOR:
+        pytest.skip(f"{name} needs a generator; name its fixture in GENERATOR to join the table")
+    data = request.getfixturevalue("shapes_test")
+    bundle = ModelBundle(classifier=request.getfixturevalue("confounded_cnn"),
+                         generator=request.getfixturevalue(GENERATOR[name]))
+    return Task(bundle, data.x, data.y, "image")
 
 
 def assert_same(a: CFBatch, b: CFBatch, atol: float = 0.0) -> None:
