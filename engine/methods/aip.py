@@ -11,7 +11,8 @@ import torch
 
 from engine.methods import losses
 from engine.methods.base import Method, register
-from engine.methods.search import SearchState, all_finite, begin, check_field, clamp_st, finish, rows_view
+from engine.methods.search import (SearchState, active_gradient, all_finite, begin, check_field, clamp_st, finish,
+                                   rows_view, settle)
 from engine.models.handles import GeneratorHandle, ModelBundle
 from engine.types import CFBatch, QueryBatch
 
@@ -140,27 +141,13 @@ def _descend_gd(param: torch.Tensor, objective: Callable[[torch.Tensor, torch.Te
     """
     param = param.detach().clone()
     for _ in range(steps):
-        rows = state.active.nonzero().squeeze(1)
-        if rows.numel() == 0:
+        step = active_gradient(param, objective, state)
+        if step is None:
             break
-        p = param[rows].requires_grad_(True)
-        with torch.enable_grad():
-            loss, stop = objective(p, rows)
-            finite = torch.isfinite(loss)
-            go = finite & ~stop
-            if bool(go.any()):
-                (grad,) = torch.autograd.grad(torch.where(go, loss, torch.zeros_like(loss)).sum(), p)
-            else:
-                grad = torch.zeros_like(p)
-        p = p.detach()
-        bad_grad = go & ~all_finite(grad)
-        go = go & ~bad_grad
-        size = lr * decay ** state.n_iter[rows].to(p.dtype)[:, None]  # [n, d]
-        new = torch.minimum(torch.maximum(p - size * grad, bounds[0]), bounds[1])
-        bad_step = go & ~all_finite(new)
-        go = go & ~bad_step
-        param[rows] = torch.where(go[:, None], new, p)  # `where`, so a NaN in a frozen row never leaks
-        state.n_iter[rows] += go.long()
-        state.freeze(rows, ~finite | bad_grad | bad_step, nan=True)
-        state.freeze(rows, finite & stop, done=True)
+        size = lr * decay ** state.n_iter[step.rows].to(step.p.dtype)[:, None]  # [n, d]
+        new = torch.minimum(torch.maximum(step.p - size * step.grad, bounds[0]), bounds[1])
+        bad_step = step.go & ~all_finite(new)
+        go = step.go & ~bad_step
+        # `where`, so a NaN in a frozen row never leaks
+        settle(param, state, step, torch.where(go[:, None], new, step.p), go, bad_step)
     return param

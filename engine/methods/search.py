@@ -163,6 +163,52 @@ def begin(method: str, batch: QueryBatch, models: ModelBundle) -> SearchState:
         n_iter=torch.zeros(len(x), dtype=torch.int64, device=device))
 
 
+@dataclass
+class ActiveStep:
+    """One gradient evaluation on the active rows: rows [n], param rows p and grad [n, ...], masks [n]."""
+
+    rows: torch.Tensor
+    p: torch.Tensor
+    grad: torch.Tensor
+    go: torch.Tensor        # finite, not stopped, finite gradient: these rows may step
+    finite: torch.Tensor    # finite loss
+    stop: torch.Tensor      # the objective's own stopping test held
+    bad_grad: torch.Tensor  # finite loss but a non-finite gradient
+
+
+def active_gradient(param: torch.Tensor, objective: Objective, state: SearchState) -> Optional[ActiveStep]:
+    """Evaluate `objective` on the active rows only and take its gradient; None when no row is active.
+
+    Rows that stop or whose loss is non-finite contribute a zero loss, so they get no gradient.
+    """
+    rows = state.active.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    p = param[rows].requires_grad_(True)
+    with torch.enable_grad():
+        loss, stop = objective(p, rows)
+        finite = torch.isfinite(loss)
+        go = finite & ~stop
+        if bool(go.any()):
+            (grad,) = torch.autograd.grad(torch.where(go, loss, torch.zeros_like(loss)).sum(), p)
+        else:
+            grad = torch.zeros_like(p)
+    bad_grad = go & ~all_finite(grad)
+    return ActiveStep(rows, p.detach(), grad, go & ~bad_grad, finite, stop, bad_grad)
+
+
+def settle(param: torch.Tensor, state: SearchState, step: ActiveStep, new: torch.Tensor, go: torch.Tensor,
+           bad_step: torch.Tensor) -> None:
+    """Write the stepped rows back and update `state`: count steps, freeze nan and finished rows.
+
+    `new` must already hold the old values wherever `go` is False.
+    """
+    param[step.rows] = new
+    state.n_iter[step.rows] += go.long()
+    state.freeze(step.rows, ~step.finite | step.bad_grad | bad_step, nan=True)
+    state.freeze(step.rows, step.finite & step.stop, done=True)
+
+
 def descend(param: torch.Tensor, objective: Objective, state: SearchState, adam: AdamState, *, steps: int,
             lr: float, bounds: Optional[tuple[float, float]] = None) -> torch.Tensor:
     """Up to `steps` masked Adam steps on the active rows of `param` [B, ...]; returns the new param.
@@ -172,23 +218,12 @@ def descend(param: torch.Tensor, objective: Objective, state: SearchState, adam:
     """
     param = param.detach().clone()
     for _ in range(steps):
-        rows = state.active.nonzero().squeeze(1)
-        if rows.numel() == 0:
+        step = active_gradient(param, objective, state)
+        if step is None:
             break
-        p = param[rows].requires_grad_(True)
-        with torch.enable_grad():
-            loss, stop = objective(p, rows)
-            finite = torch.isfinite(loss)
-            go = finite & ~stop
-            if bool(go.any()):
-                (grad,) = torch.autograd.grad(torch.where(go, loss, torch.zeros_like(loss)).sum(), p)
-            else:
-                grad = torch.zeros_like(p)
-        p = p.detach()
-        bad_grad = go & ~all_finite(grad)
-        go = go & ~bad_grad
-        old = adam.take(rows)
-        new, sub = masked_adam_step(p, grad, old, go, lr)
+        go, p = step.go, step.p
+        old = adam.take(step.rows)
+        new, sub = masked_adam_step(p, step.grad, old, go, lr)
         if bounds is not None:
             new = torch.where(rows_view(go, new), new.clamp(*bounds), new)
         bad_step = go & ~all_finite(new)
@@ -198,11 +233,8 @@ def descend(param: torch.Tensor, objective: Objective, state: SearchState, adam:
             new = torch.where(keep, new, p)
             sub = AdamState(torch.where(keep, sub.m, old.m), torch.where(keep, sub.v, old.v),
                             torch.where(go, sub.t, old.t))
-        param[rows] = new
-        adam.put(rows, sub)
-        state.n_iter[rows] += go.long()
-        state.freeze(rows, ~finite | bad_grad | bad_step, nan=True)
-        state.freeze(rows, finite & stop, done=True)
+        adam.put(step.rows, sub)
+        settle(param, state, step, new, go, bad_step)
     return param
 
 
