@@ -9,7 +9,7 @@ import torch
 
 from engine.methods import losses
 from engine.methods.base import Method, register
-from engine.methods.search import all_finite, begin, check_field, finish
+from engine.methods.search import active_gradient, begin, check_field, finish, rows_view, settle
 from engine.models.handles import ModelBundle
 from engine.types import CFBatch, QueryBatch
 
@@ -48,29 +48,18 @@ class FGSM(Method):
         state = begin(NAME, batch, models)
         lo, hi = (float(v) for v in handle.value_range)
         x_cf = state.x.clone()
+
+        def objective(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, target = handle.logits(x).float(), state.target[rows]
+            return losses.cross_entropy_to_target(logits, target), logits.detach().argmax(1) == target
+
         for _ in range(cfg.steps):
-            rows = state.active.nonzero().squeeze(1)
-            if rows.numel() == 0:
+            step = active_gradient(x_cf, objective, state)
+            if step is None:
                 break
-            target = state.target[rows]
-            p = x_cf[rows].requires_grad_(True)
-            with torch.enable_grad():
-                logits = handle.logits(p).float()
-                loss = losses.cross_entropy_to_target(logits, target)
-                finite = torch.isfinite(loss)
-                stop = logits.detach().argmax(1) == target
-                go = finite & ~stop
-                if bool(go.any()):
-                    (grad,) = torch.autograd.grad(torch.where(go, loss, torch.zeros_like(loss)).sum(), p)
-                else:
-                    grad = torch.zeros_like(p)
-            bad = go & ~all_finite(grad)
-            go = go & ~bad
-            new = (p.detach() - cfg.epsilon * grad.sign()).clamp(lo, hi)
-            x_cf[rows] = torch.where(go.view(-1, *([1] * (new.dim() - 1))), new, p.detach())
-            state.n_iter[rows] += go.long()
-            state.freeze(rows, ~finite | bad, nan=True)
-            state.freeze(rows, finite & stop, done=True)
+            new = (step.p - cfg.epsilon * step.grad.sign()).clamp(lo, hi)
+            settle(x_cf, state, step, torch.where(rows_view(step.go, new), new, step.p), step.go,
+                   torch.zeros_like(step.go))
         return finish(state, x_cf, handle, criterion=lambda logits, t: torch.ones_like(t, dtype=torch.bool),
                       budget_reason=f"not classified as the target after {cfg.steps} signed step(s) of "
                                     f"epsilon={cfg.epsilon}")
