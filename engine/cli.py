@@ -51,10 +51,9 @@ def _train(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from engine.report.summary import write_summary
+    from engine.report.summary import headline, write_summary
 
-    with pl.Config(tbl_rows=50, tbl_cols=12, tbl_width_chars=140, float_precision=3):
-        print(write_summary(args.out))
+    print(headline(write_summary(args.out)))
     return 0
 
 
@@ -106,12 +105,14 @@ def set_torch_threads() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.store.uri import StorageError
+
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = build_parser().parse_args(argv)
     set_torch_threads()
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, StorageError) as err:
         print(f"cfaudit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

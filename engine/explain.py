@@ -9,6 +9,7 @@ import pyarrow as pa
 import torch
 
 from engine.metrics.distances import input_distances
+from engine.metrics.per_query import MetricOptions, per_query_columns
 from engine.methods.base import Method
 from engine.models.handles import ModelBundle
 from engine.store.results import rows_to_table
@@ -37,14 +38,21 @@ def bundle_for(method: Method, bundle: ModelBundle) -> ModelBundle:
 
 
 def explain_unit(method: Method, bundle: ModelBundle, x: torch.Tensor, query_ids: torch.Tensor,
-                 labels: torch.Tensor, targets: TargetMode, seed: int, meta: dict) -> pa.Table:
-    """Run `method` on one unit of queries and return its results rows (store.results schema)."""
+                 labels: torch.Tensor, targets: TargetMode, seed: int, meta: dict,
+                 metrics: MetricOptions | None = None) -> pa.Table:
+    """Run `method` on one unit of queries and return its results rows (store.results schema).
+
+    `seconds` is the method's time only; the per-query metrics (`metrics`, default options) follow it.
+    """
+    shared = bundle
     bundle = bundle_for(method, bundle)
     batch, logits = build_queries(bundle, x, query_ids, labels, targets, seed)
     start = time.perf_counter()
     cf = method.explain(batch, bundle)
     seconds = time.perf_counter() - start
     columns = {**meta, **attribute_columns(cf, bundle, batch.x)}
+    columns.update(per_query_columns(batch, cf, shared, metrics or MetricOptions(),
+                                     oracle_changed=columns.get("oracle_changed")))
     return cf_to_table(batch.to("cpu"), torch.softmax(logits, -1).cpu(), cf.cpu(), seconds, columns)
 
 

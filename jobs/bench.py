@@ -1,8 +1,10 @@
 """`python -m jobs.bench`: batched vs per-query seconds per counterfactual for each method.
 
 Example: python -m jobs.bench --methods gradual_construction wachter --batch 256 --loop-queries 32
+The Ray path: python -m jobs.bench --runtime 1000 20000 [--batch 100] (overhead vs direct, driver peak RSS)
 """
 import argparse
+import json
 import sys
 
 from engine.cli import demo_spec_path, set_torch_threads
@@ -17,7 +19,21 @@ def main(argv=None) -> int:
     parser.add_argument("--loop-queries", type=int, default=32, help="queries timed one at a time")
     parser.add_argument("--repeats", type=int, default=3, help="batched repeats (median reported)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--runtime", nargs="+", type=int, default=None, metavar="QUERIES",
+                        help="bench the Ray path at these query counts instead (--batch = unit size)")
+    parser.add_argument("--runtime-one", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pool", type=int, default=20000, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.runtime_one is not None:  # the subprocess of --runtime: one size, JSON on the last line
+        from engine.workflows.bench_runtime import run_one
+
+        print(json.dumps(run_one(args.runtime_one, args.batch, args.pool)))
+        return 0
+    if args.runtime is not None:
+        from engine.workflows.bench_runtime import bench_runtime
+
+        bench_runtime(args.runtime, args.batch)
+        return 0
     set_torch_threads()
     bench(args.spec, args.methods, args.batch, args.loop_queries, args.repeats, args.device)
     return 0

@@ -10,4 +10,4 @@ import torch  # noqa: E402
 # One intra-op thread: on a loaded 2-core machine more threads oversubscribe it (10x slower seen).
 torch.set_num_threads(1)
 
-pytest_plugins = ["tests.fixtures.zoo"]
+pytest_plugins = ["tests.fixtures.zoo", "tests.fixtures.s3", "tests.fixtures.ray"]

@@ -16,7 +16,8 @@ class Method:
     """One counterfactual method. Subclasses set `name`, `Config` and implement `explain`.
 
     `explain` is pure batched torch: no Ray, no I/O, deterministic given batch.seed.
-    `requires` names what the ModelBundle must hold ("classifier", "reference", "generator", "encoder").
+    `requires` names what the ModelBundle must hold ("classifier", "reference", "generator", "encoder",
+    "explainer").
     """
 
     name: ClassVar[str]
@@ -25,6 +26,9 @@ class Method:
     # True when the method works with the attribute part a of a z ⊕ a generator (AIP, GCI); other
     # latent methods get the generator's `joint()` view, whose latent is z ⊕ a as one vector.
     uses_attributes: ClassVar[bool] = False
+    # What CFBatch.explanation holds: "difference" (x_cf − x, or G(z0) − G(z_cf) for latent methods) or
+    # "saliency" (a relevance map in [0, 1], Progressive Exaggeration §4.3).
+    explanation_kind: ClassVar[str] = "difference"
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         self.config = make_config(self.name, overrides, base=config)
@@ -40,6 +44,10 @@ class Method:
             raise ValueError(f"Method {self.name!r} needs a generator for model {models.classifier.model_id!r}")
         if "encoder" in self.requires and (models.generator is None or not models.generator.has_encoder):
             raise ValueError(f"Method {self.name!r} needs a generator with an encoder")
+        if "explainer" in self.requires and getattr(models, "explainer", None) is None:
+            raise ValueError(f"Method {self.name!r} needs an explainer trained for model "
+                             f"{models.classifier.model_id!r} (ModelBundle.explainer); train one with "
+                             "engine.models.explainer_training.get_or_train_explainer or an `explainer` spec entry")
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -10,7 +10,7 @@ from torch import nn
 from engine.data import dataset_fingerprint, load_dataset
 from engine.data.base import ArrayDataset
 from engine.models.handles import ClassifierHandle, GeneratorHandle
-from engine.spec.audit import DatasetRef, FleetModel, GeneratorEntry, OracleEntry
+from engine.spec.audit import DatasetRef, ExplainerEntry, FleetModel, GeneratorEntry, OracleEntry
 
 def training_data(entry: FleetModel, dataset: DatasetRef) -> ArrayDataset:
     """The train split a built-in model learns from: the spec's dataset with the entry's overrides."""
@@ -122,3 +122,25 @@ def resolve_oracle(entry: OracleEntry, dataset: DatasetRef, cache_dir: Optional[
                                            data.value_range)
     handle.meta.update(meta)
     return handle
+
+
+def resolve_explainer(handle: ClassifierHandle, entry: ExplainerEntry, dataset: DatasetRef,
+                      cache_dir: Optional[str] = None, device: str | torch.device = "cpu",
+                      checkpoint_root: Optional[str] = None, log=print) -> nn.Module:
+    """Progressive Exaggeration's explainer for this classifier, trained now or taken from the model cache.
+
+    The cache key covers the classifier's weights, the explainer's data and config and the seed, so it belongs
+    to one classifier. Checkpoints go to `entry.checkpoint_uri` (or `checkpoint_root`/explainers) + model id.
+    """
+    from engine.models.explainer_training import get_or_train_explainer, make_explainer_config
+    from engine.store.uri import join
+
+    data = load_dataset(dataset.name, "train", **{**dataset.options, **entry.dataset_options})
+    prefix = entry.checkpoint_uri or (join(checkpoint_root, "explainers") if checkpoint_root else None)
+    explainer, info = get_or_train_explainer(
+        handle.module, data, dataset_fingerprint(data), make_explainer_config(entry.train), seed=entry.seed,
+        cache_dir=cache_dir, checkpoint_uri=join(prefix, handle.model_id) if prefix else None,
+        checkpoint_every=entry.checkpoint_every, workers=entry.workers, use_gpu=entry.use_gpu, log=log)
+    log(f"  explainer for {handle.model_id}: {'cache hit' if info['cache_hit'] else 'trained'} "
+        f"({info['seconds']:.1f}s, key {info['key'][:12]})")
+    return _freeze(explainer, device)

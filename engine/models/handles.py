@@ -99,6 +99,7 @@ class ModelBundle:
     """What a method may use for one audited model; everything but the classifier is optional.
 
     reference: training samples (for GC's per-class logit statistics, Eq. 7).
+    explainer: Progressive Exaggeration's I_f trained for this classifier (engine.models.explainer.Explainer).
     """
 
     classifier: ClassifierHandle
@@ -106,3 +107,4 @@ class ModelBundle:
     oracle: Optional[ClassifierHandle] = None
     reference: Optional[ArrayDataset] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    explainer: Optional[nn.Module] = None

@@ -20,17 +20,20 @@ def loopback_env() -> dict[str, str]:
 
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
               include_dashboard: bool = False) -> None:
-    """Join the cluster at `address`, or start a local Ray bound to 127.0.0.1 (idempotent)."""
+    """Join the cluster at `address` (else $RAY_ADDRESS), or start a local Ray bound to 127.0.0.1 (idempotent)."""
     import ray
 
     if ray.is_initialized():
         return
+    # `ray job submit` runs the driver with RAY_ADDRESS set: join that cluster, not a private local Ray.
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     for key, value in loopback_env().items():
         os.environ.setdefault(key, value)
     ray.init(
+        address="local",  # always a new local instance, never a cluster another process left running
         _node_ip_address=LOOPBACK,
         dashboard_host=LOOPBACK,
         include_dashboard=include_dashboard,

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from engine.data import load_dataset
 from engine.explain import explain_unit
+from engine.metrics.fid_reference import FidChoice, build_extractor
+from engine.metrics.per_query import MetricOptions
 from engine.methods import config_hash, make_method
-from engine.models.fleet import resolve_classifier, resolve_generator, resolve_oracle
+from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
 from engine.models.handles import ModelBundle
+from engine.runtime.telemetry import Telemetry
 from engine.spec.audit import AuditSpec
 from engine.store.results import shard_uri, write_shard
 
@@ -29,7 +32,8 @@ def pick_device(name: str) -> torch.device:
 
 
 class ModelHost:
-    def __init__(self, spec: dict[str, Any], num_threads: int = 1) -> None:
+    def __init__(self, spec: dict[str, Any], num_threads: int = 1, fid: Optional[dict[str, Any]] = None) -> None:
+        """fid: the driver's resolved FidChoice as a dict ({'kind': 'inception'|'domain'|None, 'weights': ...})."""
         torch.set_num_threads(max(1, num_threads))
         self.spec = AuditSpec.model_validate(spec)
         self.device = pick_device(self.spec.runtime.device)
@@ -45,13 +49,21 @@ class ModelHost:
             self.spec.generator, self.spec.dataset, cache, self.device, log=quiet)
         self.oracle = None if self.spec.oracle is None else resolve_oracle(
             self.spec.oracle, self.spec.dataset, cache, self.device, log=quiet)
+        extractor = build_extractor(FidChoice(**(fid or {"kind": None})), self.spec.dataset.name,
+                                    self.spec.dataset.options, cache, self.device, log=quiet)
+        self.metrics = MetricOptions.from_spec(self.spec.metrics, self.spec.confounders(), extractor)
+        self.telemetry = Telemetry()
 
     def bundle(self, model_id: str) -> ModelBundle:
         if model_id not in self.bundles:
             handle = resolve_classifier(self.entries[model_id], self.spec.dataset, self.spec.runtime.cache_dir,
                                         self.device, log=lambda *_: None)
+            entry = self.spec.explainer_entry()  # set when a method needs Progressive Exaggeration's explainer
+            explainer = None if entry is None else resolve_explainer(
+                handle, entry, self.spec.dataset, self.spec.runtime.cache_dir, self.device,
+                checkpoint_root=self.spec.output, log=lambda *_: None)
             self.bundles[model_id] = ModelBundle(classifier=handle, generator=self.generator, oracle=self.oracle,
-                                                 reference=self.reference, device=self.device)
+                                                 reference=self.reference, device=self.device, explainer=explainer)
         return self.bundles[model_id]
 
     def run_unit(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -66,21 +78,40 @@ class ModelHost:
             torch.from_numpy(labels.copy()), self.spec.targets, seed=self.spec.seed,
             meta={"job": self.spec.name, "spec_hash": self.spec_hash, "model_id": model_id,
                   "method": method_name, "config_hash": config_hash(method_name, method.config),
-                  "unit_id": str(row["unit_id"])})
+                  "unit_id": str(row["unit_id"])}, metrics=self.metrics)
         write_shard(shard_uri(self.spec.output, model_id, method_name, part), table)
         success = table.column("success").to_numpy(zero_copy_only=False)
         return {"unit_id": str(row["unit_id"]), "rows": table.num_rows, "success": int(success.sum()),
                 "seconds": time.perf_counter() - start, "error": ""}
 
+    def run_with_retries(self, row: dict[str, Any]) -> dict[str, Any]:
+        """run_unit, re-run up to runtime.max_retries times when it raises; the last error is reported.
+
+        A re-run rewrites the same shard name atomically, so a unit is never written twice. A host that
+        dies instead (out of memory, killed) is Ray's to restart; Ray Data re-submits its unit.
+        """
+        tags = {"model": str(row["model_id"]), "method": str(row["method"])}
+        self.telemetry.in_flight(tags, +1)
+        error = ""
+        try:
+            for attempt in range(1, self.spec.runtime.max_retries + 2):
+                try:
+                    result = self.run_unit(row)
+                    result["attempts"] = attempt
+                    self.telemetry.unit_done(tags, result["rows"], result["seconds"])
+                    return result
+                except Exception as err:  # recorded; the job goes on with the other units
+                    error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+            self.telemetry.unit_failed(tags, len(np.frombuffer(row["query_ids"], dtype=np.int64)))
+            return {"unit_id": str(row["unit_id"]), "rows": 0, "success": 0, "seconds": 0.0, "error": error,
+                    "attempts": self.spec.runtime.max_retries + 1}
+        finally:
+            self.telemetry.in_flight(tags, -1)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"unit_id": [], "rows": [], "success": [], "seconds": [], "error": []}
+        out: dict[str, list] = {k: [] for k in ("unit_id", "rows", "success", "seconds", "error", "attempts")}
         for i in range(len(batch["unit_id"])):
-            row = {key: batch[key][i] for key in batch}
-            try:
-                result = self.run_unit(row)
-            except Exception as err:  # a failed unit is reported, the job goes on
-                result = {"unit_id": str(row["unit_id"]), "rows": 0, "success": 0, "seconds": 0.0,
-                          "error": f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"}
+            result = self.run_with_retries({key: batch[key][i] for key in batch})
             for key, value in result.items():
                 out[key].append(value)
         return {key: np.asarray(values) for key, values in out.items()}

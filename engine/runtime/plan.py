@@ -1,6 +1,8 @@
 """Planning: fleet x methods x queries -> work units (batches sharing one model and one method)."""
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +45,40 @@ def plan_units(spec: AuditSpec, query_ids: torch.Tensor) -> list[WorkUnit]:
     chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
     return [WorkUnit(m.id, meth.name, part, chunk)
             for m in spec.fleet for meth in spec.methods for part, chunk in enumerate(chunks)]
+
+
+def unit_descriptor(unit: WorkUnit) -> dict:
+    """What the driver hands Ray Data for a unit: ids only (a few bytes per query), no tensors."""
+    return {"unit_id": unit.unit_id, "model_id": unit.model_id, "method": unit.method, "part": unit.part,
+            "query_ids": unit.query_ids.tobytes(), "n": len(unit.query_ids)}
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_split(name: str, split: str, options_json: str) -> ArrayDataset:
+    from engine.data import load_dataset
+
+    return load_dataset(name, split, **json.loads(options_json))
+
+
+class QueryAttacher:
+    """Ray Data stage before the model hosts: adds each unit's query tensors (`x`, `labels`) to its row.
+
+    It runs in Ray's worker processes, so the driver never holds query tensors: its memory stays flat as
+    the number of queries grows, and the tensors stream through the object store under Ray Data's
+    back-pressure. The split is loaded once per worker process.
+    """
+
+    def __init__(self, name: str, split: str, options: dict) -> None:
+        self.key = (name, split, json.dumps(options, sort_keys=True, default=str))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        data = _cached_split(*self.key)
+        xs, labels = [], []
+        for raw in batch["query_ids"]:
+            index = torch.as_tensor(np.frombuffer(raw, dtype=np.int64).copy())
+            xs.append(data.x[index].numpy().astype(np.float32).tobytes())
+            labels.append(data.y[index].numpy().astype(np.int64).tobytes())
+        return {**batch, "x": np.asarray(xs, dtype=object), "labels": np.asarray(labels, dtype=object)}
 
 
 def unit_row(unit: WorkUnit, data: ArrayDataset) -> dict:

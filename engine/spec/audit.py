@@ -118,6 +118,29 @@ class QuerySpec(Strict):
     classes: Optional[list[int]] = Field(default=None, description="sample only queries with these labels")
 
 
+class ExplainerEntry(Strict):
+    """Progressive Exaggeration's explainer, trained (or taken from the model cache) for each fleet classifier."""
+
+    train: dict[str, Any] = Field(default_factory=dict, description="ExplainerConfig fields: steps, batch_size, "
+                                  "num_bins, d_steps, lr, lambda_cgan, lambda_f, lambda_rec, width, positive_class")
+    dataset_options: dict[str, Any] = Field(default_factory=dict,
+                                            description="overrides of dataset.options for the explainer's data")
+    seed: int = 0
+    workers: int = Field(default=1, gt=0, description="Ray Train data-parallel workers; 1 trains in-process")
+    use_gpu: bool = False
+    checkpoint_uri: Optional[str] = Field(default=None, description="checkpoint prefix (a model id is appended); "
+                                          "default <output>/explainers")
+    checkpoint_every: int = Field(default=200, gt=0, description="generator steps between checkpoints")
+
+    @field_validator("train")
+    @classmethod
+    def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from engine.models.explainer_training import make_explainer_config
+
+        make_explainer_config(value)  # raises naming the unknown or invalid field
+        return value
+
+
 class MethodEntry(Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -129,9 +152,43 @@ class RuntimeSpec(Strict):
     num_actors: int = Field(default=2, gt=0)
     num_cpus_per_actor: float = Field(default=1, gt=0)
     num_gpus_per_actor: float = Field(default=0, ge=0)
+    max_retries: int = Field(default=2, ge=0, description="re-runs of a unit that raised, before it is recorded failed")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     include_dashboard: bool = False
     cache_dir: Optional[str] = None
+
+
+class FidSpec(Strict):
+    """Fréchet distance of the valid counterfactuals against real images of the query split."""
+
+    extractor: Literal["auto", "inception", "domain", "none"] = Field(
+        default="auto", description="auto: Inception (pytorch-fid) when its weights are found, else domain")
+    weights: Optional[str] = Field(default=None, description="pytorch-fid Inception state dict (pt_inception-*.pth)")
+    reference_samples: int = Field(default=1000, ge=2, description="real images drawn for the reference statistics")
+
+
+class CoherenceSpec(Strict):
+    norm: Literal["l0", "l1", "l2"] = Field(default="l2", description="neighbourhood distance (GC Eq. 11 uses l0)")
+    eps: Union[Literal["auto"], float] = Field(default="auto", description="neighbourhood radius; auto: 10% quantile")
+
+    @field_validator("eps")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError(f"coherence eps must be > 0 or 'auto', got {value}")
+        return value
+
+
+class MetricsSpec(Strict):
+    confounders: Optional[list[str]] = Field(
+        default=None, description="attributes whose change marks a counterfactual confounded (PE Table 3); "
+                                  "None: the dataset's `confounder` option")
+    lpr_tolerance: float = Field(default=0.05, gt=0, description="|Δz_j| above this counts in LPR (AIP Eq. 8)")
+    coherence: CoherenceSpec = CoherenceSpec()
+    deletion_steps: int = Field(default=10, ge=0, description="deletion-curve points minus one; 0 disables it")
+    fid: FidSpec = FidSpec()
+    bootstrap_samples: int = Field(default=1000, ge=10)
+    confidence: float = Field(default=0.95, gt=0, lt=1)
 
 
 Target = Union[Literal["flip", "second", "all"], int]
@@ -149,7 +206,24 @@ class AuditSpec(Strict):
     queries: QuerySpec = QuerySpec()
     targets: Target = "second"
     methods: list[MethodEntry] = Field(min_length=1)
+    metrics: MetricsSpec = MetricsSpec()
+    explainer: Optional[ExplainerEntry] = None
     runtime: RuntimeSpec = RuntimeSpec()
+
+    def explainer_entry(self) -> Optional[ExplainerEntry]:
+        """The explainer to train per fleet model when a method needs one (the defaults if none is given)."""
+        from engine.methods import get_method_class
+
+        if any("explainer" in get_method_class(m.name).requires for m in self.methods):
+            return self.explainer or ExplainerEntry()
+        return None
+
+    def confounders(self) -> list[str]:
+        """The attributes whose oracle-read change marks a counterfactual confounded."""
+        if self.metrics.confounders is not None:
+            return list(self.metrics.confounders)
+        named = self.dataset.options.get("confounder")
+        return [named] if isinstance(named, str) else list(named or [])
 
     @field_validator("targets")
     @classmethod

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from engine.store.uri import filesystem, is_local, join, write_bytes_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-query metric columns (engine.metrics.per_query)
 
 # Scalar columns, in order; `x_cf`, `p_orig` and `p_cf` are appended with shapes known per model.
 SCALAR_FIELDS: list[pa.Field] = [
@@ -50,6 +50,20 @@ SCALAR_FIELDS: list[pa.Field] = [
     pa.field("attribute_delta", pa.map_(pa.string(), pa.float32()), nullable=True),  # a_cf - a0 by name
     pa.field("top_attributes", pa.list_(pa.string()), nullable=True),  # the method's most-changed attributes
     pa.field("oracle_changed", pa.list_(pa.string()), nullable=True),  # attributes the oracle reads differently
+    # Per-query metrics (engine.metrics.per_query); null where they do not apply to the unit.
+    pa.field("confounded", pa.bool_(), nullable=True),       # a confounder attribute changed (PE Table 3)
+    pa.field("latent_l2", pa.float32(), nullable=True),      # ||E(x_cf) - E(x)||_2, shared encoder
+    pa.field("lpr", pa.float32(), nullable=True),            # ||E(x_cf) - E(x)||_0 / k (AIP Eq. 8)
+    pa.field("latent_closest", pa.bool_(), nullable=True),   # PE Eq. 10 within the unit, same target
+    pa.field("coherence", pa.float32(), nullable=True),      # GC Eq. 11 within the unit, same target
+    pa.field("coherence_neighbours", pa.int32(), nullable=True),
+    pa.field("desired", pa.list_(pa.float32()), nullable=True),   # f(x) + δ per step of a series
+    pa.field("achieved", pa.list_(pa.float32()), nullable=True),  # f(x_δ) per step
+    pa.field("compat_spearman", pa.float32(), nullable=True),
+    pa.field("compat_mae", pa.float32(), nullable=True),
+    pa.field("deletion", pa.list_(pa.float32()), nullable=True),  # accuracy as top pixels become noise
+    pa.field("deletion_auc", pa.float32(), nullable=True),
+    pa.field("fid_features", pa.list_(pa.float32()), nullable=True),  # extractor features of a valid x_cf
 ]
 
 

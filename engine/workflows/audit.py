@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import polars as pl
 
 from engine.data import load_dataset
-from engine.models.fleet import resolve_classifier, resolve_generator, resolve_oracle
-from engine.runtime.plan import plan_units, select_queries, unit_row
+from engine.metrics.fid_reference import (build_extractor, read_reference, reference_state, resolve_choice,
+                                          write_reference)
+from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
+from engine.runtime.plan import QueryAttacher, plan_units, select_queries, unit_descriptor
 from engine.spec.audit import AuditSpec
-from engine.store.results import finished_units
-from engine.store.uri import exists, filesystem, join, read_bytes, write_bytes_atomic
+from engine.store.results import finished_units, result_files
+from engine.store.uri import check_writable, exists, filesystem, join, read_bytes, write_bytes_atomic
 from engine.workflows.stages import Stages
 
 
@@ -23,6 +26,7 @@ class AuditResult:
     units_skipped: int
     units_done: int
     units_failed: list[tuple[str, str]] = field(default_factory=list)
+    units_retried: int = 0
     summary: pl.DataFrame | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -43,15 +47,56 @@ def claim_output(spec: AuditSpec) -> None:
     write_bytes_atomic(job_uri, json.dumps(record, indent=2).encode())
 
 
+def check_confounders(spec: AuditSpec, oracle, log: Callable[[str], None]) -> None:
+    """Confounders must be attributes the oracle reads; without an oracle none can be measured."""
+    names = spec.confounders()
+    if not names:
+        return
+    if oracle is None:
+        if spec.metrics.confounders:
+            raise ValueError(f"metrics.confounders {names} need an `oracle` entry to read attributes")
+        log(f"  confounder {names} named by the dataset, but no oracle: confounding is not measured")
+        return
+    unknown = [n for n in names if n not in oracle.class_names]
+    if unknown:
+        raise ValueError(f"metrics.confounders: {unknown} are not attributes of the oracle "
+                         f"{oracle.model_id!r}, which reads {list(oracle.class_names)}")
+
+
+def write_failures(out: str, failed: list[tuple[str, str]]) -> None:
+    """<out>/reports/failures.parquet: this run's units that failed every retry (empty when none did)."""
+    import io
+
+    frame = pl.DataFrame({"unit_id": [u for u, _ in failed], "error": [e for _, e in failed]},
+                         schema={"unit_id": pl.String, "error": pl.String})
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    write_bytes_atomic(join(out, "reports", "failures.parquet"), buffer.getvalue())
+
+
+def write_fid_reference(spec: AuditSpec, extractor, data, log: Callable[[str], None]) -> None:
+    """The real-image FrechetState of the query split, once per output (kept on resume)."""
+    import torch
+
+    previous = read_reference(spec.output)
+    if previous is not None and previous[0] == extractor.name:
+        return
+    x = torch.as_tensor(data.x, dtype=torch.float32)
+    state = reference_state(extractor, x, spec.metrics.fid.reference_samples, spec.seed)
+    write_reference(spec.output, extractor.name, state)
+    log(f"  FID reference: {state.n} real {spec.queries.split} images through {extractor.name}")
+
+
 def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = True) -> AuditResult:
     import ray
     import ray.data
     from tqdm import tqdm
 
-    from engine.report.summary import write_summary
+    from engine.report.summary import headline, write_summary
     from engine.runtime.cluster import start_ray
-    from engine.runtime.host import ModelHost
+    from engine.runtime.host import ModelHost, pick_device
 
+    check_writable(spec.output)  # a missing bucket or dead endpoint fails here, not after training
     stages = Stages(log)
     with stages.stage("data"):
         queries_data = load_dataset(spec.dataset.name, spec.queries.split, **spec.dataset.options)
@@ -59,14 +104,25 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         log(f"  {spec.dataset.name}/{spec.queries.split}: {len(queries_data)} samples, {len(query_ids)} queries")
     with stages.stage("models"):
         # Train or fetch every built-in model once here, so the hosts only read the cache.
+        explainer = spec.explainer_entry()
         for entry in spec.fleet:
-            resolve_classifier(entry, spec.dataset, spec.runtime.cache_dir, log=log)
+            handle = resolve_classifier(entry, spec.dataset, spec.runtime.cache_dir, log=log)
+            if explainer is not None:  # Progressive Exaggeration: one explainer per classifier
+                resolve_explainer(handle, explainer, spec.dataset, spec.runtime.cache_dir,
+                                  checkpoint_root=spec.output, log=log)
         if spec.generator is not None:
             resolve_generator(spec.generator, spec.dataset, spec.runtime.cache_dir, log=log)
+        oracle = None
         if spec.oracle is not None:
-            resolve_oracle(spec.oracle, spec.dataset, spec.runtime.cache_dir, log=log)
+            oracle = resolve_oracle(spec.oracle, spec.dataset, spec.runtime.cache_dir, log=log)
+        check_confounders(spec, oracle, log)
+        fid = resolve_choice(spec.metrics.fid.extractor, spec.metrics.fid.weights, queries_data.kind == "image", log)
+        extractor = build_extractor(fid, spec.dataset.name, spec.dataset.options, spec.runtime.cache_dir,
+                                    pick_device(spec.runtime.device), log)
     with stages.stage("plan"):
         claim_output(spec)
+        if extractor is not None:
+            write_fid_reference(spec, extractor, queries_data, log)
         units = plan_units(spec, query_ids)
         done = finished_units(spec.output)
         todo = [u for u in units if (u.model_id, u.method, u.part) not in done]
@@ -76,30 +132,64 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
     if todo:
         with stages.stage("explain"):
             start_ray(spec.runtime.address, include_dashboard=spec.runtime.include_dashboard)
-            ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's bar counts units
-            rows = [unit_row(u, queries_data) for u in todo]
-            ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False  # the driver's bar counts queries
+            # A unit's exceptions are caught and retried in its host; a block that still errors means its
+            # host process died max_retries + 1 times on it. Drop that one unit (recorded below), not the job.
+            context.max_errored_blocks = -1
+            rows = [unit_descriptor(u) for u in todo]
+            ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                QueryAttacher, batch_size=1, batch_format="numpy", num_cpus=0,  # never blocks a host
+                compute=ray.data.ActorPoolStrategy(size=1),
+                fn_constructor_kwargs={"name": spec.dataset.name, "split": spec.queries.split,
+                                       "options": spec.dataset.options})
             threads = max(1, int(spec.runtime.num_cpus_per_actor))
-            out = ds.map_batches(
-                ModelHost, batch_size=1, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=spec.runtime.num_actors),
-                num_cpus=spec.runtime.num_cpus_per_actor, num_gpus=spec.runtime.num_gpus_per_actor or None,
-                fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "num_threads": threads})
-            bar = tqdm(total=len(todo), desc="units", unit="unit", disable=not progress)
+            with warnings.catch_warnings():
+                # Ray 2.60 has no named parameter for an actor's retry bounds yet, so they go through the
+                # (deprecated) **ray_remote_args: a dead host is replaced, its unit re-run max_retries times.
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                out = ds.map_batches(
+                    ModelHost, batch_size=1, batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=spec.runtime.num_actors),
+                    num_cpus=spec.runtime.num_cpus_per_actor, num_gpus=spec.runtime.num_gpus_per_actor or None,
+                    max_restarts=-1, max_task_retries=spec.runtime.max_retries,
+                    fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "num_threads": threads,
+                                           "fid": {"kind": fid.kind, "weights": fid.weights}})
+            sizes = {u.unit_id: len(u.query_ids) for u in todo}
+            bar = tqdm(total=sum(sizes.values()), desc="queries", unit="q", disable=not progress,
+                       dynamic_ncols=True)
+            reported: set[str] = set()
             for row in out.iter_rows():
+                reported.add(row["unit_id"])
+                attempts = int(row.get("attempts", 1))
+                result.units_retried += int(attempts > 1)
                 if row["error"]:
                     result.units_failed.append((row["unit_id"], row["error"]))
-                    log(f"  unit {row['unit_id']} failed: {row['error'].splitlines()[0]}")
+                    log(f"  unit {row['unit_id']} failed after {attempts} attempt(s): {row['error'].splitlines()[0]}")
                 else:
                     result.units_done += 1
-                bar.update(1)
+                bar.update(sizes.get(row["unit_id"], 0))
+                bar.set_postfix(units=f"{result.units_done}/{len(todo)}", failed=len(result.units_failed),
+                                refresh=False)
             bar.close()
+            for unit in todo:
+                if unit.unit_id not in reported:
+                    error = (f"HostDied: the host process died {spec.runtime.max_retries + 1} times running this "
+                             "unit (killed, out of memory, or a crash in native code)")
+                    result.units_failed.append((unit.unit_id, error))
+                    log(f"  unit {unit.unit_id} failed: {error}")
+    write_failures(spec.output, result.units_failed)
     with stages.stage("report"):
-        result.summary = write_summary(spec.output)
-        with pl.Config(tbl_rows=50, tbl_cols=12, tbl_width_chars=140, float_precision=3):
-            log(str(result.summary))
+        if result_files(spec.output):
+            result.summary = write_summary(spec.output, spec.metrics.confidence, spec.metrics.bootstrap_samples)
+            log(headline(result.summary))
+        else:
+            log("  no unit produced results: no summary")
     result.stage_seconds = stages.seconds
-    log(f"units: {result.units_done} done, {result.units_skipped} skipped (already written), "
-        f"{len(result.units_failed)} failed; results in {join(spec.output, 'results')}")
+    log(f"units: {result.units_done} done ({result.units_retried} needed a retry), {result.units_skipped} skipped "
+        f"(already written), {len(result.units_failed)} failed; results in {join(spec.output, 'results')}")
+    if result.units_failed:
+        log(f"  failed units and their errors: {join(spec.output, 'reports', 'failures.parquet')}; "
+            "re-run the same command to retry only those")
     log(stages.report())
     return result

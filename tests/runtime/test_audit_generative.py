@@ -27,6 +27,7 @@ def generative_audit(tmp_path_factory, local_ray, confounded_cnn, shapes_attribu
         "targets": "flip",
         "methods": [{"name": "aip", "params": {"n_max": 100}}, {"name": "xgem"}],
         "runtime": {"batch_size": 8, "num_actors": 2, "num_cpus_per_actor": 1},
+        "metrics": {"confounders": ["marker"], "fid": {"extractor": "domain"}},
     })
     result = audit(spec, progress=False)
     return result, pl.read_parquet(result_files(out))
@@ -49,3 +50,19 @@ def test_aip_flips_the_confounder_for_the_confounded_model(generative_audit):
     ok = df.filter((pl.col("method") == "aip") & pl.col("success"))
     assert ok.height >= QUERIES // 2
     assert ok["oracle_changed"].list.contains("marker").mean() > 0.5
+
+
+def test_summary_carries_latent_confounding_and_domain_fid(generative_audit):
+    result, df = generative_audit
+    out = result.output
+    summary = pl.read_parquet(f"{out}/reports/summary.parquet")
+    groups = pl.read_parquet(f"{out}/reports/groups.parquet")
+    assert summary["method"].to_list() == ["aip", "xgem"] and groups.height >= 2
+    for row in summary.iter_rows(named=True):
+        valid = df.filter((pl.col("method") == row["method"]) & pl.col("success"))
+        assert row["mean_lpr"] == pytest.approx(valid["lpr"].mean(), rel=1e-5)  # shared encoder for both
+        assert row["confounding_rate"] == pytest.approx(valid["confounded"].mean())  # dataset's confounder
+        assert row["confounding_lo"] <= row["confounding_rate"] <= row["confounding_hi"]
+        assert row["fid_extractor"].startswith("domain:shapes:") and row["fid_samples"] == valid.height
+        assert row["fid"] > 0 and row["fid_reference_samples"] == 400  # every test image (n_test 400)
+        assert len(row["deletion_curve"]) == 11 and 0 <= row["deletion_area"] <= 1

@@ -28,6 +28,7 @@ def small_spec(out: str, **changes) -> AuditSpec:
         "methods": [{"name": "gradual_construction", "params": {"sigma": 30}},
                     {"name": "wachter", "params": {"max_iter": 200}}],
         "runtime": {"batch_size": 16, "num_actors": 2, "num_cpus_per_actor": 1},
+        "metrics": {"fid": {"extractor": "none"}},  # FID through a real audit: test_audit_generative
         **changes,
     }
     return parse_spec(AuditSpec, data)

@@ -1,0 +1,83 @@
+"""The real-image side of an audit's Fréchet distances: which extractor, and its feature statistics.
+
+The driver resolves the extractor once ("auto" becomes "inception" with a weights path, or "domain"), so
+every host computes the same features, draws `reference_samples` real images of the query split and
+stores their FrechetState at <out>/metrics/fid_reference.npz. Reports compare the valid counterfactuals'
+merged states against it and name the extractor and both sample counts beside every figure.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from engine.metrics.frechet import FrechetState
+from engine.store.uri import exists, join, read_bytes, write_bytes_atomic
+
+
+@dataclass(frozen=True)
+class FidChoice:
+    """The resolved extractor: kind 'inception' (with weights) or 'domain', or None when FID is off."""
+
+    kind: Optional[str]
+    weights: Optional[str] = None
+
+
+def resolve_choice(kind: str, weights: Optional[str], image_data: bool, log: Callable[[str], Any] = print) -> FidChoice:
+    from engine.metrics.features import CONVERT_COMMAND, find_inception_weights
+
+    if kind == "none":
+        return FidChoice(None)
+    if not image_data:
+        log("FID: skipped, the dataset is not made of images")
+        return FidChoice(None)
+    if kind in ("auto", "inception"):
+        found = find_inception_weights(weights)
+        if found is not None:
+            return FidChoice("inception", found)
+        if kind == "inception":
+            raise FileNotFoundError("metrics.fid.extractor is 'inception' but no Inception weights were found: set "
+                                    f"metrics.fid.weights, $CFAUDIT_INCEPTION_WEIGHTS, or run `{CONVERT_COMMAND}`")
+        log(f"FID: Inception weights not found (create them with `{CONVERT_COMMAND}`); using the domain FID")
+    return FidChoice("domain")
+
+
+def build_extractor(choice: FidChoice, dataset_name: str, dataset_options: dict, cache_dir: Optional[str],
+                    device: torch.device | str, log: Callable[[str], Any] = print):
+    from engine.metrics.features import InceptionExtractor, domain_extractor
+
+    if choice.kind is None:
+        return None
+    if choice.kind == "inception":
+        return InceptionExtractor(choice.weights, device=device)
+    return domain_extractor(dataset_name, dataset_options, cache_dir, device, log)
+
+
+def reference_state(extractor, x: torch.Tensor, samples: int, seed: int) -> FrechetState:
+    """Features of `samples` real images drawn (seeded, without replacement) from x [N, C, H, W]."""
+    generator = torch.Generator().manual_seed(int(seed))
+    index = torch.randperm(x.shape[0], generator=generator)[:min(samples, x.shape[0])]
+    return FrechetState.of(extractor(x[index]).double().cpu().numpy())
+
+
+def reference_uri(out: str) -> str:
+    return join(out, "metrics", "fid_reference.npz")
+
+
+def write_reference(out: str, extractor_name: str, state: FrechetState) -> None:
+    n, total, outer = state.to_arrays()
+    buffer = io.BytesIO()
+    np.savez(buffer, n=np.int64(n), total=total, outer=outer, extractor=np.array(extractor_name))
+    write_bytes_atomic(reference_uri(out), buffer.getvalue())
+
+
+def read_reference(out: str) -> Optional[tuple[str, FrechetState]]:
+    """(extractor name, real-image state), or None when the audit computed no FID."""
+    uri = reference_uri(out)
+    if not exists(uri):
+        return None
+    with np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False) as data:
+        return str(data["extractor"]), FrechetState.from_arrays(int(data["n"]), data["total"], data["outer"])
