@@ -51,9 +51,12 @@ def _train(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from engine.report.bias import fleet_headline, write_reports
     from engine.report.summary import headline, write_summary
 
-    print(headline(write_summary(args.out)))
+    summary = write_summary(args.out)
+    print(headline(summary))
+    print(fleet_headline(write_reports(args.out, summary=summary)["fleet"]))
     return 0
 
 

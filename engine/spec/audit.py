@@ -189,6 +189,9 @@ class MetricsSpec(Strict):
     fid: FidSpec = FidSpec()
     bootstrap_samples: int = Field(default=1000, ge=10)
     confidence: float = Field(default=0.95, gt=0, lt=1)
+    reference_model: Optional[str] = Field(
+        default=None, description="fleet id whose confounding rates the reports compare with; "
+                                  "None: the fleet's least-confounded model per method and attribute")
 
 
 Target = Union[Literal["flip", "second", "all"], int]
@@ -240,6 +243,9 @@ class AuditSpec(Strict):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"fleet: model ids must be unique, repeated: {dup}")
+        if self.metrics.reference_model is not None and self.metrics.reference_model not in ids:
+            raise ValueError(f"metrics.reference_model: expected one of the fleet ids {ids}, "
+                             f"got {self.metrics.reference_model!r}")
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"methods: each method may appear once, got {names}")
@@ -259,5 +265,7 @@ class AuditSpec(Strict):
 
     def spec_hash(self) -> str:
         """Hash of everything that determines the results (not runtime placement)."""
-        payload = self.model_dump(exclude={"runtime", "overwrite", "output"})
+        # reference_model changes only the reports, not the results.
+        payload = self.model_dump(exclude={"runtime": True, "overwrite": True, "output": True,
+                                           "metrics": {"reference_model"}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -92,6 +92,7 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
     import ray.data
     from tqdm import tqdm
 
+    from engine.report.bias import fleet_headline, write_reports
     from engine.report.summary import headline, write_summary
     from engine.runtime.cluster import start_ray
     from engine.runtime.host import ModelHost, pick_device
@@ -183,6 +184,8 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         if result_files(spec.output):
             result.summary = write_summary(spec.output, spec.metrics.confidence, spec.metrics.bootstrap_samples)
             log(headline(result.summary))
+            log(fleet_headline(write_reports(spec.output, spec.metrics.confidence, spec.metrics.bootstrap_samples,
+                                             summary=result.summary)["fleet"]))
         else:
             log("  no unit produced results: no summary")
     result.stage_seconds = stages.seconds

@@ -113,3 +113,15 @@ def test_ray_stays_on_loopback(audited):
     remote = [line for line in mine if line.split()[4].rsplit(":", 1)[0] not in loopback
               or line.split()[3].rsplit(":", 1)[0] not in loopback]
     assert remote == [], remote
+
+
+def test_audit_ends_with_the_bias_reports(audited):
+    out, _ = audited
+    from engine.report.bias import read_report
+
+    fleet = read_report(f"{out}/reports/fleet.parquet")
+    assert sorted(fleet["model_id"].to_list()) == ["cnn-b0", "cnn-b1"]
+    for name in ("bias", "confounding", "attributes"):
+        assert read_report(f"{out}/reports/{name}.parquet").height >= 0
+    bias = read_report(f"{out}/reports/bias.parquet")
+    assert set(bias["method"].unique()) == {"gradual_construction", "wachter"}
