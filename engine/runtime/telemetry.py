@@ -1,10 +1,11 @@
 """Engine metrics through ray.util.metrics, exported by Ray's metrics agent (Prometheus) for Grafana.
 
-  cfaudit_queries_done_total     counter   queries whose unit was written
-  cfaudit_queries_failed_total   counter   queries of units that failed every retry
-  cfaudit_unit_seconds           histogram wall time of a unit (method, metrics and write)
-  cfaudit_units_in_flight        gauge     units a host is working on (sum over hosts)
-all tagged by `model` and `method`. Outside a Ray worker (tests, in-process use) they are no-ops.
+  cfaudit_queries_done      counter   queries whose unit was written
+  cfaudit_queries_failed    counter   queries of units that failed every retry
+  cfaudit_unit_seconds      histogram wall time of a unit (method, metrics and write)
+  cfaudit_units_in_flight   gauge     units a host is working on (sum over hosts)
+all tagged by `model` and `method`; Prometheus sees them as ray_<name> (counters ray_<name>_total), which
+dashboards/grafana/cfaudit.json charts. Outside Ray (tests, in-process use) they are no-ops.
 """
 from __future__ import annotations
 
