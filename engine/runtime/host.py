@@ -22,7 +22,7 @@ from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_g
 from engine.models.handles import ModelBundle
 from engine.runtime.telemetry import Telemetry
 from engine.spec.audit import AuditSpec
-from engine.store.results import shard_uri, write_shard
+from engine.store.results import commit_unit, shard_uri, write_shard
 
 
 def pick_device(name: str) -> torch.device:
@@ -81,8 +81,10 @@ class ModelHost:
                   "unit_id": str(row["unit_id"])}, metrics=self.metrics)
         write_shard(shard_uri(self.spec.output, model_id, method_name, part), table)
         success = table.column("success").to_numpy(zero_copy_only=False)
-        return {"unit_id": str(row["unit_id"]), "rows": table.num_rows, "success": int(success.sum()),
-                "seconds": time.perf_counter() - start, "error": ""}
+        result = {"unit_id": str(row["unit_id"]), "rows": table.num_rows, "success": int(success.sum()),
+                  "seconds": time.perf_counter() - start, "error": ""}
+        commit_unit(self.spec.output, model_id, method_name, part, {**result, "spec_hash": self.spec_hash})
+        return result
 
     def run_with_retries(self, row: dict[str, Any]) -> dict[str, Any]:
         """run_unit, re-run up to runtime.max_retries times when it raises; the last error is reported.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import re
 from typing import Sequence
 
@@ -114,13 +115,26 @@ def write_shard(uri: str, table: pa.Table) -> None:
     write_bytes_atomic(uri, buffer.getvalue())
 
 
-_PART = re.compile(r"model=([^/]+)/method=([^/]+)/part-(\d+)\.parquet$")
+def manifest_uri(out: str, model_id: str, method: str, part: int) -> str:
+    return join(out, "manifest", f"model={model_id}", f"method={method}", f"part-{part:05d}.json")
+
+
+def commit_unit(out: str, model_id: str, method: str, part: int, record: dict) -> None:
+    """Record a unit as finished, after its shard is written: the manifest entry is the commit marker.
+
+    A crash between the two leaves a whole shard without an entry; the unit then runs again and replaces
+    the shard under the same name, so every row still lands exactly once.
+    """
+    write_bytes_atomic(manifest_uri(out, model_id, method, part), json.dumps(record, sort_keys=True).encode())
+
+
+_PART = re.compile(r"model=([^/]+)/method=([^/]+)/part-(\d+)\.json$")
 
 
 def finished_units(out: str) -> set[tuple[str, str, int]]:
-    """(model_id, method, part) of every complete shard under <out>/results."""
-    fs, path = filesystem(join(out, "results"))
-    pattern = path.rstrip("/") + "/model=*/method=*/part-*.parquet"
+    """(model_id, method, part) of every unit the manifest records as finished."""
+    fs, path = filesystem(join(out, "manifest"))
+    pattern = path.rstrip("/") + "/model=*/method=*/part-*.json"
     found = glob.glob(pattern) if is_local(fs) else fs.glob(pattern)
     units = set()
     for p in found:

@@ -5,8 +5,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from engine.store.results import (SCHEMA_VERSION, finished_units, result_files, rows_to_table, shard_uri,
-                                  write_shard)
+from engine.store.results import (SCHEMA_VERSION, commit_unit, finished_units, result_files, rows_to_table,
+                                  shard_uri, write_shard)
 from engine.store.uri import read_bytes
 
 
@@ -36,6 +36,8 @@ def test_roundtrip_pyarrow_and_polars(tmp_path):
     assert df.height == 3 and df["schema_version"].to_list() == [SCHEMA_VERSION] * 3
     assert df["status"].to_list() == ["ok", "budget", "ok"]
     assert [f for f in os.listdir(os.path.dirname(uri))] == ["part-00003.parquet"]  # no temporary left
+    assert finished_units(str(tmp_path)) == set()  # written, not yet committed: it would run again
+    commit_unit(str(tmp_path), "m", "wachter", 3, {"rows": 3})
     assert finished_units(str(tmp_path)) == {("m", "wachter", 3)}
 
 
@@ -43,6 +45,7 @@ def test_memory_filesystem():
     table, _ = make_table()
     out = "memory://cfaudit-test-store"
     write_shard(shard_uri(out, "m", "gc", 0), table)
+    commit_unit(out, "m", "gc", 0, {"rows": 3})
     assert finished_units(out) == {("m", "gc", 0)}
     assert len(result_files(out)) == 1
     assert len(read_bytes(result_files(out)[0])) > 100
