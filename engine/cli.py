@@ -49,14 +49,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import polars as pl
+    from engine.report.bias import audit_settings, fleet_headline, write_reports
+    from engine.report.summary import audit_states, headline, write_summary
 
-    from engine.report.bias import fleet_headline, write_reports
-    from engine.report.summary import headline, write_summary
-
-    summary = write_summary(args.out)
+    settings, states = audit_settings(args.out), audit_states(args.out)  # the audit's settings; shards read once
+    summary = write_summary(args.out, settings["confidence"], settings["bootstrap"], states)
     print(headline(summary))
-    print(fleet_headline(write_reports(args.out, summary=summary)["fleet"]))
+    print(fleet_headline(write_reports(args.out, summary=summary, states=states)["fleet"]))
     return 0
 
 

@@ -82,18 +82,20 @@ def state_table(states: dict[tuple, GroupState], keys: tuple[str, ...], referenc
     return frame.with_columns(pl.lit(SCHEMA_VERSION, pl.Int16).alias("schema_version"))
 
 
-def summarize(out: str, confidence: float = CONFIDENCE,
-              bootstrap: int = BOOTSTRAP_SAMPLES) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(summary per model x method, groups per model x method x source -> target)."""
-    states = audit_states(out)
+def summarize(out: str, confidence: float = CONFIDENCE, bootstrap: int = BOOTSTRAP_SAMPLES,
+              states: Optional[dict[tuple, GroupState]] = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(summary per model x method, groups per model x method x source -> target); `states` as
+    audit_states(out) gives them, read here when not given."""
+    states = audit_states(out) if states is None else states
     reference = read_reference(out)
     groups = state_table(states, ("model_id", "method", "source", "target"), reference, confidence, bootstrap)
     summary = state_table(collapse(states), ("model_id", "method"), reference, confidence, bootstrap)
     return summary, groups
 
 
-def write_summary(out: str, confidence: Optional[float] = None, bootstrap: Optional[int] = None) -> pl.DataFrame:
-    summary, groups = summarize(out, confidence or CONFIDENCE, bootstrap or BOOTSTRAP_SAMPLES)
+def write_summary(out: str, confidence: Optional[float] = None, bootstrap: Optional[int] = None,
+                  states: Optional[dict[tuple, GroupState]] = None) -> pl.DataFrame:
+    summary, groups = summarize(out, confidence or CONFIDENCE, bootstrap or BOOTSTRAP_SAMPLES, states)
     for name, frame in (("summary", summary), ("groups", groups)):
         buffer = io.BytesIO()
         frame.write_parquet(buffer)

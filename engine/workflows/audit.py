@@ -93,7 +93,7 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
     from tqdm import tqdm
 
     from engine.report.bias import fleet_headline, write_reports
-    from engine.report.summary import headline, write_summary
+    from engine.report.summary import audit_states, headline, write_summary
     from engine.runtime.cluster import start_ray
     from engine.runtime.host import ModelHost, pick_device
 
@@ -182,10 +182,12 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
     write_failures(spec.output, result.units_failed)
     with stages.stage("report"):
         if result_files(spec.output):
-            result.summary = write_summary(spec.output, spec.metrics.confidence, spec.metrics.bootstrap_samples)
+            states = audit_states(spec.output)  # every shard read once, for all reports
+            confidence, bootstrap = spec.metrics.confidence, spec.metrics.bootstrap_samples
+            result.summary = write_summary(spec.output, confidence, bootstrap, states)
             log(headline(result.summary))
-            log(fleet_headline(write_reports(spec.output, spec.metrics.confidence, spec.metrics.bootstrap_samples,
-                                             summary=result.summary)["fleet"]))
+            log(fleet_headline(write_reports(spec.output, confidence, bootstrap, summary=result.summary,
+                                             states=states)["fleet"]))
         else:
             log("  no unit produced results: no summary")
     result.stage_seconds = stages.seconds
