@@ -50,12 +50,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from engine.report.bias import audit_settings, fleet_headline, write_reports
+    from engine.report.dashboard import render_dashboard
     from engine.report.summary import audit_states, headline, write_summary
 
     settings, states = audit_settings(args.out), audit_states(args.out)  # the audit's settings; shards read once
     summary = write_summary(args.out, settings["confidence"], settings["bootstrap"], states)
     print(headline(summary))
     print(fleet_headline(write_reports(args.out, summary=summary, states=states)["fleet"]))
+    print(f"dashboard: {render_dashboard(args.out)}")
     return 0
 
 

@@ -93,6 +93,7 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
     from tqdm import tqdm
 
     from engine.report.bias import fleet_headline, write_reports
+    from engine.report.dashboard import render_dashboard
     from engine.report.summary import audit_states, headline, write_summary
     from engine.runtime.cluster import start_ray
     from engine.runtime.host import ModelHost, pick_device
@@ -180,14 +181,20 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
                     result.units_failed.append((unit.unit_id, error))
                     log(f"  unit {unit.unit_id} failed: {error}")
     write_failures(spec.output, result.units_failed)
+    closing: list[str] = []  # the fleet table and the dashboard's path end the job's output
     with stages.stage("report"):
         if result_files(spec.output):
             states = audit_states(spec.output)  # every shard read once, for all reports
             confidence, bootstrap = spec.metrics.confidence, spec.metrics.bootstrap_samples
             result.summary = write_summary(spec.output, confidence, bootstrap, states)
             log(headline(result.summary))
-            log(fleet_headline(write_reports(spec.output, confidence, bootstrap, summary=result.summary,
-                                             states=states)["fleet"]))
+            closing.append(fleet_headline(write_reports(spec.output, confidence, bootstrap, summary=result.summary,
+                                                        states=states)["fleet"]))
+            try:
+                closing.append(f"dashboard: {render_dashboard(spec.output)}")
+            except Exception as err:  # results and reports are written; a page that fails loses nothing
+                closing.append(f"dashboard: not rendered ({type(err).__name__}: {err}); "
+                               f"`cfaudit report {spec.output}` retries it")
         else:
             log("  no unit produced results: no summary")
     result.stage_seconds = stages.seconds
@@ -197,4 +204,6 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         log(f"  failed units and their errors: {join(spec.output, 'reports', 'failures.parquet')}; "
             "re-run the same command to retry only those")
     log(stages.report())
+    for text in closing:
+        log(text)
     return result

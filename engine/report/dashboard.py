@@ -1,0 +1,365 @@
+"""The audit dashboard (issue #8): <out>/dashboard/index.html, one self-contained HTML file.
+
+Read from <out>/reports (fleet, summary, attributes), <out>/results (counterfactuals, progressive-series
+columns) and <out>/_job.json (the dataset, to reload the query images by query_id). Every image is an
+inline base64 PNG data URI drawn with matplotlib (Agg); the page has no script and names no external URL.
+Sections: the fleet table sorted by confounding rate; per model, one grid per method of query /
+counterfactual / difference map (red: the counterfactual added intensity, blue: it removed some, as in
+CDeepEx) and a bar chart of the attributes the counterfactuals moved; the desired-vs-achieved
+compatibility plot of progressive-series methods (`exaggeration`); FID per method with its extractor.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from typing import Any, Optional
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.store.results import result_files
+from engine.store.uri import exists, filesystem, join, read_bytes, write_bytes_atomic
+
+SCALARS = ["query_id", "label", "pred_orig", "target", "pred_cf", "success", "oracle_changed"]
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#1d1d1f;
+background:#fff;max-width:1300px}
+h1{font-size:24px}h2{font-size:20px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+h3{font-size:16px;margin-bottom:4px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.note{color:#555;font-size:13px}.grids{display:flex;flex-wrap:wrap;gap:16px}
+figure{margin:0}figcaption{font-size:13px;color:#333}img{max-width:100%;height:auto}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.3f}")
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _png(fig) -> str:
+    """A matplotlib figure as a data URI (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _img(uri: str, alt: str, kind: str) -> str:
+    return f'<img class="{kind}" alt="{_esc(alt)}" src="{uri}">'
+
+
+def _table(frame: pl.DataFrame, columns: list[str], table_id: str = "") -> str:
+    ident = f' id="{table_id}"' if table_id else ""
+    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+    body = []
+    for row in frame.iter_rows(named=True):
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+            cells.append(f"<td{cls}>{_esc(_fmt(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _read(out: str, name: str) -> Optional[pl.DataFrame]:
+    uri = join(out, "reports", f"{name}.parquet")
+    if not exists(uri):
+        return None
+    if name == "summary":  # versioned with the results schema, not the report schema
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as handle:
+            return pl.from_arrow(pq.read_table(handle))
+    from engine.report.bias import read_report
+
+    return read_report(uri)
+
+
+def _job_spec(out: str) -> dict[str, Any]:
+    uri = join(out, "_job.json")
+    return json.loads(read_bytes(uri)).get("spec", {}) if exists(uri) else {}
+
+
+def _queries(spec: dict[str, Any]):
+    """The queries' split of the audit's dataset (query_id indexes it), or (None, why not)."""
+    dataset = spec.get("dataset") or {}
+    if not dataset.get("name"):
+        return None, "the audit's _job.json names no dataset"
+    split = (spec.get("queries") or {}).get("split", "test")
+    try:
+        from engine.data import load_dataset
+
+        return load_dataset(dataset["name"], split, **(dataset.get("options") or {})), ""
+    except Exception as error:  # noqa: BLE001 - the page says why the queries are missing
+        return None, f"could not reload {dataset['name']}/{split}: {error}"
+
+
+def _shards(out: str) -> dict[tuple[str, str], list[str]]:
+    found: dict[tuple[str, str], list[str]] = {}
+    for uri in result_files(out):
+        m = re.search(r"model=([^/]+)/method=([^/]+)/part-[^/]*\.parquet$", uri)
+        if m:
+            found.setdefault((m.group(1), m.group(2)), []).append(uri)
+    return found
+
+
+def _read_table(uri: str, columns: list[str]) -> pa.Table:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        names = parquet.schema_arrow.names
+        return parquet.read(columns=[c for c in columns if c in names])
+
+
+def _examples(uris: list[str], k: int) -> tuple[list[dict[str, Any]], Optional[np.ndarray]]:
+    """Up to k rows (successful ones first, then by query id) and their counterfactuals [k, *shape]."""
+    picked: list[tuple[dict[str, Any], np.ndarray]] = []
+    for uri in uris:
+        table = _read_table(uri, SCALARS)
+        rows = table.to_pylist()
+        order = sorted(range(len(rows)), key=lambda i: (not rows[i].get("success"), rows[i]["query_id"]))
+        take = order[:k]
+        if not take:
+            continue
+        x_cf = (_read_table(uri, ["x_cf"]).column("x_cf").combine_chunks().take(pa.array(take))
+                .to_numpy_ndarray())
+        picked += [(rows[i], x_cf[j]) for j, i in enumerate(take)]
+        if sum(bool(r.get("success")) for r, _ in picked) >= k:
+            break
+    picked.sort(key=lambda p: (not p[0].get("success"), p[0]["query_id"]))
+    picked = picked[:k]
+    if not picked:
+        return [], None
+    return [r for r, _ in picked], np.stack([x for _, x in picked])
+
+
+def _show(x: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """[C, H, W] in value_range -> an image for imshow ([H, W] grey or [H, W, 3]) in [0, 1]."""
+    lo, hi = value_range
+    img = np.clip((x - lo) / ((hi - lo) or 1.0), 0.0, 1.0)
+    return img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
+
+
+def _grid(rows: list[dict[str, Any]], x_cf: np.ndarray, queries, class_names: list[str],
+          title: str) -> str:
+    """Rows of query / counterfactual / difference map (red added, blue removed) as one PNG."""
+    import matplotlib.pyplot as plt
+
+    images = x_cf.ndim == 4 and x_cf.shape[1] in (1, 3)
+    value_range = tuple(getattr(queries, "value_range", (0.0, 1.0))) if queries is not None else (0.0, 1.0)
+    have_x = queries is not None and images
+    cols = 3 if have_x else 1
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.0 * cols, 2.0 * len(rows)), squeeze=False)
+
+    def name(c: int) -> str:
+        return class_names[c] if 0 <= c < len(class_names) else str(c)
+
+    for i, row in enumerate(rows):
+        ax = axes[i]
+        cf = x_cf[i]
+        if not images:  # tabular: the counterfactual's features as bars
+            ax[0].bar(range(cf.size), cf.reshape(-1), color="#4477aa")
+        else:
+            if have_x:
+                x = queries.x[int(row["query_id"])].numpy()
+                ax[0].imshow(_show(x, value_range), cmap="gray", vmin=0, vmax=1)
+                ax[0].set_title(f"query {row['query_id']}: {name(row['pred_orig'])}", fontsize=8)
+                diff = (cf - x).sum(axis=0) / ((value_range[1] - value_range[0]) or 1.0)
+                m = float(np.abs(diff).max()) or 1.0
+                ax[2].imshow(diff, cmap="bwr", vmin=-m, vmax=m)
+                ax[2].set_title("difference (red +, blue −)", fontsize=8)
+            ax[1 if have_x else 0].imshow(_show(cf, value_range), cmap="gray", vmin=0, vmax=1)
+        status = "valid" if row.get("success") else "not valid"
+        ax[1 if have_x else 0].set_title(f"→ {name(row['target'])}: {name(row['pred_cf'])} ({status})", fontsize=8)
+        for a in ax:
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _drivers(attributes: pl.DataFrame, model: str) -> Optional[str]:
+    """Bar chart of how much each method's counterfactuals moved each attribute, for one model."""
+    import matplotlib.pyplot as plt
+
+    part = attributes.filter(pl.col("model_id") == model)
+    if part.is_empty():
+        return None
+    names = sorted(set(part["attribute"].to_list()))
+    methods = sorted(set(part["method"].to_list()))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.0))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        rows = {r["attribute"]: r for r in part.filter(pl.col("method") == method).iter_rows(named=True)}
+        values = [rows[n]["movement"] if n in rows and rows[n]["movement"] is not None
+                  and not math.isnan(rows[n]["movement"]) else 0.0 for n in names]
+        by = next(iter(rows.values()))["ranked_by"] if rows else ""
+        ax.bar(np.arange(len(names)) + j * width - 0.4 + width / 2, values, width,
+               label=f"{method} ({'mean |Δa|' if by == 'attribute_delta' else 'oracle change rate'})")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("movement")
+    ax.set_title(f"{model}: attribute drivers", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _compatibility(series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]) -> str:
+    """Desired vs achieved classifier output of progressive series, all steps pooled, one colour per model."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.plot([0, 1], [0, 1], color="#888", linestyle="--", linewidth=1, label="ideal")
+    for (model, method), (desired, achieved) in sorted(series.items()):
+        mae = float(np.mean(np.abs(desired - achieved))) if desired.size else float("nan")
+        ax.scatter(desired, achieved, s=8, alpha=0.5, label=f"{model} / {method} (MAE {mae:.3f})")
+    ax.set_xlabel("desired f(x) + δ")
+    ax.set_ylabel("achieved f(x_δ)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("compatibility of progressive series", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _series(uris: list[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    desired, achieved = [], []
+    for uri in uris:
+        table = _read_table(uri, ["desired", "achieved"])
+        if "desired" not in table.column_names or "achieved" not in table.column_names:
+            continue
+        for d, a in zip(table.column("desired").to_pylist(), table.column("achieved").to_pylist()):
+            if d is not None and a is not None and len(d) == len(a):
+                desired += d
+                achieved += a
+    if not desired:
+        return None
+    return np.asarray(desired, np.float64), np.asarray(achieved, np.float64)
+
+
+def _fid_chart(summary: pl.DataFrame) -> Optional[str]:
+    import matplotlib.pyplot as plt
+
+    part = summary.filter(pl.col("fid").is_not_null() & pl.col("fid").is_not_nan())
+    if part.is_empty():
+        return None
+    models = sorted(set(part["model_id"].to_list()))
+    methods = sorted(set(part["method"].to_list()))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(models) + 1.5), 3.0))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        rows = {r["model_id"]: r for r in part.filter(pl.col("method") == method).iter_rows(named=True)}
+        extractor = next((r["fid_extractor"] for r in rows.values() if r.get("fid_extractor")), "?")
+        ax.bar(np.arange(len(models)) + j * width - 0.4 + width / 2,
+               [rows[m]["fid"] if m in rows else 0.0 for m in models], width, label=f"{method} ({extractor})")
+    ax.set_xticks(range(len(models)), models, fontsize=8)
+    ax.set_ylabel("FID (lower: closer to real images)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def render_dashboard(out: str, max_examples: int = 6) -> str:
+    """Write <out>/dashboard/index.html from the audit's reports and results; returns its path (URI)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    spec = _job_spec(out)
+    fleet, summary, attributes = _read(out, "fleet"), _read(out, "summary"), _read(out, "attributes")
+    shards = _shards(out)
+    models = sorted({m for m, _ in shards})
+    queries, why = _queries(spec)
+    class_names = list(getattr(queries, "class_names", []) or [])
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<title>{_esc('cfaudit dashboard: ' + str(spec.get('name', out)))}</title>"
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>{_esc('cfaudit audit ' + str(spec.get('name', '')))}</h1>",
+             f"<p class=\"note\">Output {_esc(out)}; dataset {_esc((spec.get('dataset') or {}).get('name', '?'))}. "
+             "This page is self-contained: every image is inline.</p>"]
+
+    # The fleet, most confounded first.
+    parts.append("<h2 id=\"fleet\">Fleet, sorted by confounding rate</h2>")
+    if fleet is not None and fleet.height:
+        fleet = fleet.sort(pl.col("confounding_rate").fill_nan(None), descending=True, nulls_last=True)
+        models = [m for m in fleet["model_id"].to_list() if m in models] + [m for m in models
+                                                                          if m not in fleet["model_id"].to_list()]
+        columns = [c for c in ("rank", "model_id", "confounding_rate", "driver", "driver_rate",
+                               "excludes_reference", "confounding_rate_by_method", "rank_by_method",
+                               "flip_ratio", "driver_by_method") if c in fleet.columns]
+        parts.append(_table(fleet, columns, "fleet-table"))
+        parts.append("<p class=\"note\">rank 1 = most confounded (rate pooled over methods); "
+                     "flip_ratio = validity per method.</p>")
+    else:
+        parts.append("<p class=\"note\">No fleet report: run <code>cfaudit report</code>.</p>")
+
+    # Per model: counterfactual grids and attribute drivers.
+    if queries is None:
+        parts.append(f"<p class=\"note\">Query images not shown: {_esc(why)}.</p>")
+    for model in models:
+        parts.append(f"<h2 class=\"model\" id=\"model-{_esc(model)}\">Model {_esc(model)}</h2><div class=\"grids\">")
+        for method in sorted(mm for m, mm in shards if m == model):
+            rows, x_cf = _examples(shards[(model, method)], max_examples)
+            if x_cf is None:
+                continue
+            uri = _grid(rows, x_cf, queries, class_names, f"{model} / {method}")
+            caption = f"{method}: query, counterfactual, difference (red: added, blue: removed)"
+            parts.append(f"<figure class=\"grid\" data-model=\"{_esc(model)}\" data-method=\"{_esc(method)}\">"
+                         f"{_img(uri, f'{model} {method} examples', 'grid')}"
+                         f"<figcaption>{_esc(caption)}</figcaption></figure>")
+        parts.append("</div>")
+        chart = _drivers(attributes, model) if attributes is not None else None
+        if chart:
+            parts.append(f"<h3>Attribute drivers</h3><figure>{_img(chart, f'{model} attribute drivers', 'drivers')}"
+                         "</figure>")
+
+    # Progressive series (exaggeration): compatibility of desired and achieved outputs.
+    parts.append("<h2 id=\"compatibility\">Compatibility of progressive series</h2>")
+    series = {key: s for key, uris in sorted(shards.items()) if (s := _series(uris)) is not None}
+    if series:
+        parts.append(f"<figure>{_img(_compatibility(series), 'compatibility plot', 'compat')}</figure>")
+        parts.append("<p class=\"note\">Every step of every query pooled per model. The series images themselves "
+                     "are not stored in the results (only the desired and achieved outputs), so they are not "
+                     "shown.</p>")
+    else:
+        parts.append("<p class=\"note\">No method in this audit produced progressive series "
+                     "(<code>exaggeration</code> does); series images are not stored in the results.</p>")
+
+    # Fréchet distances, naming the extractor.
+    parts.append("<h2 id=\"fid\">FID per method</h2>")
+    if summary is not None and "fid" in summary.columns:
+        columns = [c for c in ("model_id", "method", "fid", "fid_extractor", "fid_samples",
+                               "fid_reference_samples") if c in summary.columns]
+        parts.append(_table(summary.sort(["method", "model_id"]), columns, "fid-table"))
+        chart = _fid_chart(summary)
+        if chart:
+            parts.append(f"<figure>{_img(chart, 'FID per method', 'fid')}</figure>")
+        else:
+            parts.append("<p class=\"note\">No FID computed in this audit (no reference statistics or no valid "
+                         "counterfactuals).</p>")
+    else:
+        parts.append("<p class=\"note\">No summary report.</p>")
+    parts.append("</body></html>")
+    uri = join(out, "dashboard", "index.html")
+    write_bytes_atomic(uri, "\n".join(parts).encode("utf-8"))
+    return uri
