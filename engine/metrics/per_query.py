@@ -85,7 +85,7 @@ def per_query_columns(batch: QueryBatch, cf: CFBatch, bundle: ModelBundle, optio
         out["compat_mae"] = _nullable(compat["mae"], every)
     if options.deletion_steps > 0 and batch.x.dim() == 4:
         relevance = cf.explanation if cf.explanation is not None else (x_cf - batch.x)
-        pred = bundle.classifier.logits(batch.x).argmax(-1)
+        pred = cf.p_orig.to(batch.x.device).argmax(-1)  # the method already ran f on x
         label = pred if batch.label is None else torch.where(batch.label >= 0, batch.label, pred)
         value_range = tuple(bundle.reference.value_range) if bundle.reference is not None else (0.0, 1.0)
         curve = deletion_curve(bundle.classifier, batch.x, torch.nan_to_num(relevance), label, batch.query_id,

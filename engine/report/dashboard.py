@@ -201,6 +201,13 @@ def _grid(rows: list[dict[str, Any]], x_cf: np.ndarray, queries, class_names: li
     return _png(fig)
 
 
+def _grouped_bars(ax, groups: int, bars: dict[str, list[float]]) -> None:
+    """One bar per label side by side within each of `groups` x positions."""
+    width = 0.8 / max(len(bars), 1)
+    for j, (label, values) in enumerate(bars.items()):
+        ax.bar(np.arange(groups) + j * width - 0.4 + width / 2, values, width, label=label)
+
+
 def _drivers(attributes: pl.DataFrame, model: str) -> Optional[str]:
     """Bar chart of how much each method's counterfactuals moved each attribute, for one model."""
     import matplotlib.pyplot as plt
@@ -211,14 +218,14 @@ def _drivers(attributes: pl.DataFrame, model: str) -> Optional[str]:
     names = sorted(set(part["attribute"].to_list()))
     methods = sorted(set(part["method"].to_list()))
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.0))
-    width = 0.8 / len(methods)
-    for j, method in enumerate(methods):
+    bars = {}
+    for method in methods:
         rows = {r["attribute"]: r for r in part.filter(pl.col("method") == method).iter_rows(named=True)}
         values = [rows[n]["movement"] if n in rows and rows[n]["movement"] is not None
                   and not math.isnan(rows[n]["movement"]) else 0.0 for n in names]
         by = next(iter(rows.values()))["ranked_by"] if rows else ""
-        ax.bar(np.arange(len(names)) + j * width - 0.4 + width / 2, values, width,
-               label=f"{method} ({'mean |Δa|' if by == 'attribute_delta' else 'oracle change rate'})")
+        bars[f"{method} ({'mean |Δa|' if by == 'attribute_delta' else 'oracle change rate'})"] = values
+    _grouped_bars(ax, len(names), bars)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("movement")
     ax.set_title(f"{model}: attribute drivers", fontsize=9)
@@ -268,12 +275,12 @@ def _fid_chart(summary: pl.DataFrame) -> Optional[str]:
     models = sorted(set(part["model_id"].to_list()))
     methods = sorted(set(part["method"].to_list()))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(models) + 1.5), 3.0))
-    width = 0.8 / len(methods)
-    for j, method in enumerate(methods):
+    bars = {}
+    for method in methods:
         rows = {r["model_id"]: r for r in part.filter(pl.col("method") == method).iter_rows(named=True)}
         extractor = next((r["fid_extractor"] for r in rows.values() if r.get("fid_extractor")), "?")
-        ax.bar(np.arange(len(models)) + j * width - 0.4 + width / 2,
-               [rows[m]["fid"] if m in rows else 0.0 for m in models], width, label=f"{method} ({extractor})")
+        bars[f"{method} ({extractor})"] = [rows[m]["fid"] if m in rows else 0.0 for m in models]
+    _grouped_bars(ax, len(models), bars)
     ax.set_xticks(range(len(models)), models, fontsize=8)
     ax.set_ylabel("FID (lower: closer to real images)")
     ax.legend(fontsize=7)
