@@ -61,6 +61,42 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from engine.spec import load_spec
+    from engine.spec.sweep import SweepSpec
+    from engine.workflows.sweep import sweep
+
+    spec = load_spec(SweepSpec, args.spec)
+    overrides = {k: v for k, v in {"output": args.out, "overwrite": args.overwrite or None}.items() if v}
+    if overrides:
+        spec = spec.model_copy(update=overrides)
+    result = sweep(spec)
+    return 0 if result.complete and not result.errored else 1
+
+
+def _schema(args: argparse.Namespace) -> int:
+    """Infer (or check) a table's feature schema, print its summary and the YAML to correct."""
+    import yaml
+
+    from engine.data.schema import resolve_schema
+    from engine.data.tabular import read_table
+
+    df = read_table(args.table)
+    skip = {args.label, args.split_column} - {None}
+    missing = sorted(c for c in skip if c not in df.columns)
+    if missing:
+        raise ValueError(f"{args.table}: columns {missing} not found; columns: {df.columns}")
+    schema = resolve_schema(args.schema or "infer", df, [c for c in df.columns if c not in skip], args.table)
+    text = yaml.safe_dump(schema.to_mapping(), sort_keys=False, default_flow_style=None, width=110)
+    print(schema.describe(), file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"schema written to {args.out}; correct it and pass it as the dataset option `schema`", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -91,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="recompute the reports of an audit output from its results")
     p.add_argument("out")
     p.set_defaults(run=_report)
+    p = sub.add_parser("sweep", help="sweep a method's config with Ray Tune; trials, Pareto front and page")
+    p.add_argument("spec")
+    p.add_argument("--out", "--output", dest="out", default=None, help="override the spec's output URI")
+    p.add_argument("--overwrite", action="store_true", help="replace a sweep of the same name made by another spec")
+    p.set_defaults(run=_sweep)
+    p = sub.add_parser("schema", help="infer a table's feature schema (types, ranges, categories) to correct")
+    p.add_argument("table", help="CSV or Parquet file (local path or URI)")
+    p.add_argument("--label", required=True, help="the label column (not a feature)")
+    p.add_argument("--split-column", default=None, help="a split column (not a feature)")
+    p.add_argument("--schema", default=None, help="a schema file to check and complete instead of inferring all")
+    p.add_argument("--out", default=None, help="write the YAML here instead of stdout")
+    p.set_defaults(run=_schema)
     p = sub.add_parser("methods", help="list the methods and their paper defaults")
     p.set_defaults(run=_methods)
     return parser

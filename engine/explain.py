@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from engine.data.schema import result_columns
 from engine.metrics.distances import input_distances
 from engine.metrics.per_query import MetricOptions, per_query_columns
 from engine.methods.base import Method
@@ -53,6 +54,8 @@ def explain_unit(method: Method, bundle: ModelBundle, x: torch.Tensor, query_ids
     columns = {**meta, **attribute_columns(cf, bundle, batch.x)}
     columns.update(per_query_columns(batch, cf, shared, metrics or MetricOptions(),
                                      oracle_changed=columns.get("oracle_changed")))
+    if bundle.schema is not None:  # measured on the records, in the data's units too (engine.data.schema)
+        columns.update(result_columns(bundle.schema, batch.x, cf.x_cf))
     return cf_to_table(batch.to("cpu"), torch.softmax(logits, -1).cpu(), cf.cpu(), seconds, columns)
 
 
@@ -99,6 +102,7 @@ def cf_to_table(batch: QueryBatch, p_orig: torch.Tensor, cf: CFBatch, seconds: f
         "seconds": np.full(n, seconds / max(n, 1)),
         "l0": dist["l0"].numpy(), "l1": torch.nan_to_num(dist["l1"], nan=float("inf")).numpy(),
         "l2": torch.nan_to_num(dist["l2"], nan=float("inf")).numpy(),
+        **{k: meta[k] for k in ("l0", "l1", "l2") if k in meta},  # a tabular schema's per-feature measures
         "p_orig": p_orig.numpy(), "p_cf": p_cf.numpy(), "x_cf": x_cf.numpy(),
         "reason": _reasons(cf),
     }

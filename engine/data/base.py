@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -26,6 +26,7 @@ class ArrayDataset:
     attribute_names: list[str] = field(default_factory=list)
     feature_names: list[str] = field(default_factory=list)  # tabular only
     meta: dict = field(default_factory=dict)  # provenance: source path, seed, bias, ...
+    schema: Optional[Any] = None  # tabular only: engine.data.schema.TabularSchema of the encoding, or None
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
@@ -50,4 +51,5 @@ class ArrayDataset:
             name=self.name, x=self.x[index], y=self.y[index], class_names=self.class_names, kind=self.kind,
             value_range=self.value_range,
             attributes=None if self.attributes is None else self.attributes[index],
-            attribute_names=self.attribute_names, feature_names=self.feature_names, meta=dict(self.meta))
+            attribute_names=self.attribute_names, feature_names=self.feature_names, meta=dict(self.meta),
+            schema=self.schema)

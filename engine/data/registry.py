@@ -25,6 +25,7 @@ _LOADERS: dict[str, Union[str, Callable[..., ArrayDataset]]] = {
     "parquet_images": "engine.data.parquet_images:load_parquet_images",
     "image_folder": "engine.data.image_folder:load_image_folder",
     "tabular": "engine.data.tabular:load_tabular",
+    "german_credit": "engine.data.german_credit:load_german_credit",
 }
 
 REQUIRED = inspect.Parameter.empty  # marks a required option in `dataset_options`

@@ -34,7 +34,8 @@ class FGSM(Method):
     "maximise the loss of the original prediction". clip is the classifier's value_range. With
     steps > 1 a query stops before a step once f(x′) predicts the target and is frozen while the
     others continue; there is no projection onto the ε-ball around x, so after n steps ‖x′ − x‖∞ ≤ nε.
-    success = argmax f(x′) == target. ε is absolute: the papers give no value (AIP §4.1.4 neither);
+    success = argmax f(x′) == target. With a tabular schema immutable columns take no step and x′ is
+    judged (and returned) projected onto a valid record. ε is absolute: the papers give no value (AIP §4.1.4 neither);
     0.1 is a visible but small change on [0, 1] images; scale it with the value range for other data.
     """
 
@@ -48,16 +49,20 @@ class FGSM(Method):
         state = begin(NAME, batch, models)
         lo, hi = (float(v) for v in handle.value_range)
         x_cf = state.x.clone()
+        movable = state.movable()  # tabular schema: immutable columns take no step
 
         def objective(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits, target = handle.logits(x).float(), state.target[rows]
-            return losses.cross_entropy_to_target(logits, target), logits.detach().argmax(1) == target
+            with torch.no_grad():  # judged on the valid record when there is a tabular schema
+                judged = logits if state.codec is None else handle.logits(state.project(x.detach(), rows)).float()
+            return losses.cross_entropy_to_target(logits, target), judged.argmax(1) == target
 
         for _ in range(cfg.steps):
             step = active_gradient(x_cf, objective, state)
             if step is None:
                 break
-            new = (step.p - cfg.epsilon * step.grad.sign()).clamp(lo, hi)
+            sign = step.grad.sign() if movable is None else step.grad.sign() * movable
+            new = (step.p - cfg.epsilon * sign).clamp(lo, hi)
             settle(x_cf, state, step, torch.where(rows_view(step.go, new), new, step.p), step.go,
                    torch.zeros_like(step.go))
         return finish(state, x_cf, handle, criterion=lambda logits, t: torch.ones_like(t, dtype=torch.bool),

@@ -12,11 +12,13 @@ get alone: the classifier must treat rows independently (eval mode, no batch sta
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from engine.data.schema import SchemaCodec
 from engine.models.handles import ClassifierHandle, ModelBundle
 from engine.types import STATUS_ALREADY, STATUS_BUDGET, STATUS_NAN, STATUS_OK, CFBatch, QueryBatch
 
@@ -123,6 +125,17 @@ class SearchState:
     nan: torch.Tensor        # frozen because something became non-finite
     already: torch.Tensor    # classified as the target before any change
     n_iter: torch.Tensor     # int64 optimiser steps taken
+    codec: Optional[SchemaCodec] = None  # tabular schema: project onto valid records (engine.data.schema)
+
+    def project(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [n, D] (the rows `rows` of the batch, default all) as valid records; identity without a schema."""
+        if self.codec is None:
+            return x
+        return self.codec.project(x, self.x if rows is None else self.x[rows])
+
+    def movable(self) -> Optional[torch.Tensor]:
+        """[D] bool: columns a search may change (None: all); immutable features are excluded."""
+        return None if self.codec is None else ~self.codec.immutable_columns
 
     @property
     def p_orig(self) -> torch.Tensor:
@@ -157,10 +170,14 @@ def begin(method: str, batch: QueryBatch, models: ModelBundle) -> SearchState:
         logits = handle.logits(x).float() if len(x) else torch.zeros((0, k), device=device)
     finite = all_finite(logits)
     already = finite & (logits.argmax(1) == target)
+    codec = None
+    if models.schema is not None:
+        codec = models.schema.codec(device)
+        codec.check_width(int(math.prod(shape)), f"{method}: model {handle.model_id!r}")
     return SearchState(
         x=x, target=target, logits_orig=logits,
         active=finite & ~already, done=torch.zeros_like(finite), nan=~finite, already=already,
-        n_iter=torch.zeros(len(x), dtype=torch.int64, device=device))
+        n_iter=torch.zeros(len(x), dtype=torch.int64, device=device), codec=codec)
 
 
 @dataclass
@@ -248,11 +265,12 @@ _REASONS = {
 def finish(state: SearchState, x_cf: torch.Tensor, handle: ClassifierHandle, *,
            criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], budget_reason: str,
            n_features: Optional[torch.Tensor] = None, extras: Optional[dict] = None) -> CFBatch:
-    """Classify the counterfactuals and assemble the CFBatch.
+    """Project the counterfactuals onto valid records (tabular schema), classify them, assemble the CFBatch.
 
     success = (argmax f(x_cf) == target) AND criterion(logits_cf, target) [B] bool, for every row
     (an "already" row included); status: "nan" > "already" > "ok" (success) > "budget".
     """
+    x_cf = state.project(x_cf)
     with torch.no_grad():
         logits = handle.logits(x_cf).float() if len(x_cf) else state.logits_orig.clone()
     nan = state.nan | ~all_finite(logits) | ~all_finite(x_cf)

@@ -41,6 +41,8 @@ class Wachter(Method):
     Per-query convergence: before each step a query whose x′ is classified as its target with a
     logit gap ≥ margin is frozen (values and Adam moments) while the others continue; so x′ is the
     first iterate that crosses the boundary, as in the papers' comparisons. explanation = x′ − x.
+    With a tabular schema (ModelBundle.schema) immutable columns never move, and both the stopping
+    test and the result use x′ projected onto a valid record: the first iterate whose record flips.
 
     Defaults: none of the comparing papers (GC, CDeepEx, CEM) reports the λ it gave this baseline, and
     Wachter et al. tune λ per query; λ = 0.1 with Adam lr 0.01 on [0, 1] inputs reaches the target on
@@ -57,17 +59,24 @@ class Wachter(Method):
         state = begin(NAME, batch, models)
         x = state.x
         lo, hi = (float(v) for v in handle.value_range)
+        movable = state.movable()  # tabular schema: immutable columns stay as in x (no gradient reaches them)
 
         def reached(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return (logits.argmax(1) == target) & (losses.target_gap(logits, target) >= cfg.margin)
 
         def objective(x_new: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if movable is not None:
+                x_new = torch.where(movable, x_new, x[rows])
             logits, target = handle.logits(x_new).float(), state.target[rows]
             if cfg.loss == "ce":
                 to_target = losses.cross_entropy_to_target(logits, target)
             else:
                 to_target = losses.hinge_to_target(logits, target, cfg.margin)
-            return to_target + cfg.lam * losses.l1_distance(x_new, x[rows]), reached(logits.detach(), target)
+            stop = reached(logits.detach(), target)
+            if state.codec is not None:  # stop at the first iterate whose valid record reaches the target
+                with torch.no_grad():
+                    stop = reached(handle.logits(state.project(x_new.detach(), rows)).float(), target)
+            return to_target + cfg.lam * losses.l1_distance(x_new, x[rows]), stop
 
         x_cf = descend(x, objective, state, AdamState.zeros_like(x), steps=cfg.max_iter, lr=cfg.lr, bounds=(lo, hi))
         return finish(state, x_cf, handle, criterion=lambda logits, t: reached(logits, t),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -100,6 +100,9 @@ class ModelBundle:
 
     reference: training samples (for GC's per-class logit statistics, Eq. 7).
     explainer: Progressive Exaggeration's I_f trained for this classifier (engine.models.explainer.Explainer).
+    schema: the tabular feature schema of the inputs (engine.data.schema.TabularSchema); defaults to the
+    reference data's. Input-space methods then keep immutables, move monotone features one way only and
+    project every counterfactual onto a valid record before judging it.
     """
 
     classifier: ClassifierHandle
@@ -108,3 +111,8 @@ class ModelBundle:
     reference: Optional[ArrayDataset] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     explainer: Optional[nn.Module] = None
+    schema: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        if self.schema is None and self.reference is not None:
+            self.schema = self.reference.schema

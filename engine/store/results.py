@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from engine.store.uri import filesystem, is_local, join, write_bytes_atomic
 
-SCHEMA_VERSION = 2  # 2: per-query metric columns (engine.metrics.per_query)
+SCHEMA_VERSION = 3  # 2: per-query metric columns (engine.metrics.per_query); 3: tabular records
 
 # Scalar columns, in order; `x_cf`, `p_orig` and `p_cf` are appended with shapes known per model.
 SCALAR_FIELDS: list[pa.Field] = [
@@ -43,9 +43,15 @@ SCALAR_FIELDS: list[pa.Field] = [
     pa.field("n_iter", pa.int64(), nullable=False),
     pa.field("n_features", pa.int64(), nullable=True),
     pa.field("seconds", pa.float64(), nullable=False),       # wall time of the unit / its rows
+    # Tabular data with a schema: measured on the records, per feature (a category switch counts once,
+    # numeric |Δ| on the schema's [0, 1] scale); else on the input tensor entry by entry.
     pa.field("l0", pa.int64(), nullable=False),              # features changed by >= 1e-3 (GC Eq. 9)
     pa.field("l1", pa.float32(), nullable=False),
     pa.field("l2", pa.float32(), nullable=False),            # GC Eq. 10
+    pa.field("l1_units", pa.float32(), nullable=True),       # tabular schema: numeric |Δ| in the data's units
+    pa.field("l2_units", pa.float32(), nullable=True),
+    pa.field("record_cf", pa.string(), nullable=True),       # tabular schema: the counterfactual record, JSON
+    pa.field("changes", pa.list_(pa.string()), nullable=True),  # tabular schema: "feature: before -> after"
     pa.field("reason", pa.string(), nullable=True),          # why a query did not succeed, in words
     pa.field("z_l2", pa.float32(), nullable=True),           # ||z_cf - z0||_2 for latent-space methods
     pa.field("attribute_delta", pa.map_(pa.string(), pa.float32()), nullable=True),  # a_cf - a0 by name
