@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from engine.store.results import result_files
 from engine.store.uri import exists, filesystem, join, read_bytes, write_bytes_atomic
 
-SCALARS = ["query_id", "label", "pred_orig", "target", "pred_cf", "success", "oracle_changed"]
+SCALARS = ["query_id", "label", "pred_orig", "target", "pred_cf", "success", "oracle_changed", "changes"]
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#1d1d1f;
 background:#fff;max-width:1300px}
@@ -287,6 +287,21 @@ def _fid_chart(summary: pl.DataFrame) -> Optional[str]:
     return _png(fig)
 
 
+def _changes_table(rows: list[dict[str, Any]], class_names: list[str], model: str, method: str) -> str:
+    """Tabular counterfactuals as records: query, classes, validity and each changed feature (before -> after)."""
+    def name(c: int) -> str:
+        return class_names[c] if 0 <= c < len(class_names) else str(c)
+
+    body = "".join(
+        f"<tr><td>{_esc(r['query_id'])}</td><td>{_esc(name(r['pred_orig']))} → {_esc(name(r['target']))}</td>"
+        f"<td>{'valid' if r.get('success') else 'not valid'}</td>"
+        f"<td>{'<br>'.join(_esc(c) for c in (r.get('changes') or [])) or '(no change)'}</td></tr>" for r in rows)
+    return (f"<figure class=\"records\" data-model=\"{_esc(model)}\" data-method=\"{_esc(method)}\">"
+            f"<table><thead><tr><th>query</th><th>class</th><th>result</th><th>changes (before → after)</th></tr>"
+            f"</thead><tbody>{body}</tbody></table><figcaption>{_esc(method)}: counterfactual records</figcaption>"
+            "</figure>")
+
+
 def render_dashboard(out: str, max_examples: int = 6) -> str:
     """Write <out>/dashboard/index.html from the audit's reports and results; returns its path (URI)."""
     import matplotlib
@@ -328,6 +343,9 @@ def render_dashboard(out: str, max_examples: int = 6) -> str:
         for method in sorted(mm for m, mm in shards if m == model):
             rows, x_cf = _examples(shards[(model, method)], max_examples)
             if x_cf is None:
+                continue
+            if any(r.get("changes") is not None for r in rows):  # tabular records: the changes in words
+                parts.append(_changes_table(rows, class_names, model, method))
                 continue
             uri = _grid(rows, x_cf, queries, class_names, f"{model} / {method}")
             caption = f"{method}: query, counterfactual, difference (red: added, blue: removed)"
