@@ -74,6 +74,25 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0 if result.complete and not result.errored else 1
 
 
+def _augment(args: argparse.Namespace) -> int:
+    from engine.spec import load_spec
+    from engine.spec.augment import AugmentSpec
+
+    spec = load_spec(AugmentSpec, args.spec)
+    overrides = {k: v for k, v in {"output": args.output, "overwrite": args.overwrite or None}.items() if v}
+    if overrides:
+        spec = spec.model_copy(update=overrides)
+    if args.evaluate:
+        from engine.workflows.augment_eval import evaluate
+
+        evaluate(spec)
+        return 0
+    from engine.workflows.augment import augment
+
+    result = augment(spec)
+    return 1 if result.units_failed else 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     """Infer (or check) a table's feature schema, print its summary and the YAML to correct."""
     import yaml
@@ -132,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "--output", dest="out", default=None, help="override the spec's output URI")
     p.add_argument("--overwrite", action="store_true", help="replace a sweep of the same name made by another spec")
     p.set_defaults(run=_sweep)
+    p = sub.add_parser("augment", help="generate labelled counterfactual training data (or --evaluate if it helps)")
+    p.add_argument("spec")
+    p.add_argument("--output", default=None, help="override the spec's output URI")
+    p.add_argument("--overwrite", action="store_true", help="clear an output holding another spec's results")
+    p.add_argument("--evaluate", action="store_true",
+                   help="AIP Table 5 protocol: train from scratch with and without counterfactuals over seeds")
+    p.set_defaults(run=_augment)
     p = sub.add_parser("schema", help="infer a table's feature schema (types, ranges, categories) to correct")
     p.add_argument("table", help="CSV or Parquet file (local path or URI)")
     p.add_argument("--label", required=True, help="the label column (not a feature)")

@@ -370,6 +370,22 @@ def render_dashboard(out: str, max_examples: int = 6) -> str:
         parts.append("<p class=\"note\">No method in this audit produced progressive series "
                      "(<code>exaggeration</code> does); series images are not stored in the results.</p>")
 
+    # Counterfactual augmentation (cfaudit augment --evaluate): test accuracy per arm over seeds.
+    aug_uri = join(out, "reports", "augmentation.parquet")
+    if exists(aug_uri):
+        fs, path = filesystem(aug_uri)
+        with fs.open(path, "rb") as handle:
+            aug = pl.from_arrow(pq.read_table(handle))
+        parts.append("<h2 id=\"augmentation\">Counterfactual augmentation</h2>")
+        columns = [c for c in ("arm", "seeds", "n_initial", "n_added", "accuracy_mean", "accuracy_std",
+                               "accuracy_min", "accuracy_max", "plausibility_filter", "plausibility_features")
+                   if c in aug.columns]
+        parts.append(_table(aug, columns, "augmentation-table"))
+        parts.append("<p class=\"note\">Test accuracy of the architecture trained from scratch on the initial set "
+                     "(baseline), with the kept counterfactuals (one arm per method, label = target class), and "
+                     "with as many real initial samples drawn again (duplicates: the same number of training "
+                     "steps).</p>")
+
     # Fréchet distances, naming the extractor.
     parts.append("<h2 id=\"fid\">FID per method</h2>")
     if summary is not None and "fid" in summary.columns:
