@@ -97,7 +97,7 @@ def _schema(args: argparse.Namespace) -> int:
     """Infer (or check) a table's feature schema, print its summary and the YAML to correct."""
     import yaml
 
-    from engine.data.schema import resolve_schema
+    from engine.data.schema_infer import resolve_schema
     from engine.data.tabular import read_table
 
     df = read_table(args.table)

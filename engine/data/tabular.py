@@ -121,7 +121,7 @@ def _with_schema(df, split: str, schema: Any, where: str, *, label_column: str,
                  path: str) -> ArrayDataset:
     """Encode the table by its feature schema: ranges and categories describe the whole table, so a
     counterfactual record is judged against the same domain whichever split it came from."""
-    from engine.data.schema import resolve_schema
+    from engine.data.schema_infer import resolve_schema
 
     if feature_columns is None:
         columns = [c for c in df.columns if c not in {label_column, split_column}]

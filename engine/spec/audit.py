@@ -197,6 +197,15 @@ class MetricsSpec(Strict):
 Target = Union[Literal["flip", "second", "all"], int]
 
 
+def confounders_of(metrics: MetricsSpec, dataset: DatasetRef) -> list[str]:
+    """The attributes whose oracle-read change marks a counterfactual confounded: `metrics.confounders`,
+    else the dataset's `confounder` option."""
+    if metrics.confounders is not None:
+        return list(metrics.confounders)
+    named = dataset.options.get("confounder")
+    return [named] if isinstance(named, str) else list(named or [])
+
+
 class AuditSpec(Strict):
     name: str = Field(default="audit", pattern=ID_PATTERN)
     seed: int = 0
@@ -222,11 +231,7 @@ class AuditSpec(Strict):
         return None
 
     def confounders(self) -> list[str]:
-        """The attributes whose oracle-read change marks a counterfactual confounded."""
-        if self.metrics.confounders is not None:
-            return list(self.metrics.confounders)
-        named = self.dataset.options.get("confounder")
-        return [named] if isinstance(named, str) else list(named or [])
+        return confounders_of(self.metrics, self.dataset)
 
     @field_validator("targets")
     @classmethod

@@ -14,7 +14,8 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from engine.spec.audit import (ID_PATTERN, DatasetRef, ExplainerEntry, FidSpec, FleetModel, GeneratorEntry,
-                               MethodEntry, MetricsSpec, OracleEntry, QuerySpec, Strict, Target)
+                               MethodEntry, MetricsSpec, OracleEntry, QuerySpec, Strict, Target,
+                               confounders_of)
 
 # What a trial reports that an objective may name (engine.tune.trainable computes every one of them).
 # Distances and latent figures are over the valid counterfactuals only, as in the audit's reports.
@@ -193,10 +194,7 @@ class SweepSpec(Strict):
         return None
 
     def confounders(self) -> list[str]:
-        if self.metrics.confounders is not None:
-            return list(self.metrics.confounders)
-        named = self.dataset.options.get("confounder")
-        return [named] if isinstance(named, str) else list(named or [])
+        return confounders_of(self.metrics, self.dataset)
 
     def expected_trials(self) -> int:
         if self.search == "grid":

@@ -9,7 +9,8 @@ import yaml
 
 from engine.cli import main as cli
 from engine.data import load_dataset
-from engine.data.schema import TabularSchema, infer_schema, resolve_schema, result_columns
+from engine.data.schema import TabularSchema, result_columns
+from engine.data.schema_infer import infer_schema, resolve_schema
 
 
 @pytest.fixture
