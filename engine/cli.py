@@ -15,14 +15,18 @@ def demo_spec_path() -> Path:
     return Path(str(resources.files("jobs") / "specs" / "demo.yaml"))
 
 
+def with_overrides(spec, output: str | None, overwrite: bool):
+    """The spec with the command line's --output / --overwrite applied (when given)."""
+    update = {k: v for k, v in {"output": output, "overwrite": overwrite or None}.items() if v}
+    return spec.model_copy(update=update) if update else spec
+
+
 def _audit(args: argparse.Namespace) -> int:
     from engine.spec import AuditSpec, load_spec
     from engine.workflows.audit import audit
 
     spec = load_spec(AuditSpec, args.spec)
-    overrides = {k: v for k, v in {"output": args.output, "overwrite": args.overwrite or None}.items() if v}
-    if overrides:
-        spec = spec.model_copy(update=overrides)
+    spec = with_overrides(spec, args.output, args.overwrite)
     result = audit(spec)
     return 1 if result.units_failed else 0
 
@@ -67,9 +71,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from engine.workflows.sweep import sweep
 
     spec = load_spec(SweepSpec, args.spec)
-    overrides = {k: v for k, v in {"output": args.out, "overwrite": args.overwrite or None}.items() if v}
-    if overrides:
-        spec = spec.model_copy(update=overrides)
+    spec = with_overrides(spec, args.out, args.overwrite)
     result = sweep(spec)
     return 0 if result.complete and not result.errored else 1
 
@@ -79,9 +81,7 @@ def _augment(args: argparse.Namespace) -> int:
     from engine.spec.augment import AugmentSpec
 
     spec = load_spec(AugmentSpec, args.spec)
-    overrides = {k: v for k, v in {"output": args.output, "overwrite": args.overwrite or None}.items() if v}
-    if overrides:
-        spec = spec.model_copy(update=overrides)
+    spec = with_overrides(spec, args.output, args.overwrite)
     if args.evaluate:
         from engine.workflows.augment_eval import evaluate
 

@@ -1,7 +1,6 @@
 """audit(spec): plan -> Ray Data actor pool of ModelHosts -> Parquet shards -> summary report."""
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,8 +14,8 @@ from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_g
 from engine.runtime.plan import QueryAttacher, plan_units, select_queries, unit_descriptor
 from engine.spec.audit import AuditSpec
 from engine.store.results import finished_units, result_files
-from engine.store.uri import check_writable, exists, filesystem, join, read_bytes, write_bytes_atomic
-from engine.workflows.stages import Stages
+from engine.store.uri import check_writable, join, write_bytes_atomic
+from engine.workflows.stages import Stages, claim_directory
 
 
 @dataclass
@@ -33,18 +32,7 @@ class AuditResult:
 
 def claim_output(spec: AuditSpec) -> None:
     """Refuse to mix results of different specs in one output; `overwrite: true` clears it."""
-    job_uri = join(spec.output, "_job.json")
-    record = {"name": spec.name, "spec_hash": spec.spec_hash(), "spec": spec.model_dump(mode="json")}
-    if exists(job_uri):
-        previous = json.loads(read_bytes(job_uri))
-        if previous.get("spec_hash") != record["spec_hash"]:
-            if not spec.overwrite:
-                raise ValueError(f"output {spec.output!r} holds results of a different spec "
-                                 f"({previous.get('name')!r}, hash {previous.get('spec_hash')}); "
-                                 "choose another output or set `overwrite: true`")
-            fs, path = filesystem(spec.output)
-            fs.rm(path, recursive=True)
-    write_bytes_atomic(job_uri, json.dumps(record, indent=2).encode())
+    claim_directory(spec.output, "_job.json", spec, "results")
 
 
 def check_confounders(spec: AuditSpec, oracle, log: Callable[[str], None]) -> None:

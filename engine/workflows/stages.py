@@ -1,9 +1,10 @@
 """Stage timing for workflows: each stage prints its name and how long it took."""
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 class Stages:
@@ -25,3 +26,23 @@ class Stages:
         total = sum(self.seconds.values())
         parts = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
         return f"stages: {parts}; total {total:.1f}s"
+
+
+def claim_directory(directory: str, marker: str, spec: Any, what: str,
+                    log: Callable[[str], None] = lambda *_: None) -> None:
+    """Refuse to mix a job's output with another spec's: <directory>/<marker> records the spec hash; a
+    different hash is an error unless `spec.overwrite`, which clears the directory first."""
+    from engine.store.uri import exists, filesystem, join, read_bytes, write_bytes_atomic
+
+    uri = join(directory, marker)
+    record = {"name": spec.name, "spec_hash": spec.spec_hash(), "spec": spec.model_dump(mode="json")}
+    if exists(uri):
+        previous = json.loads(read_bytes(uri))
+        if previous.get("spec_hash") != record["spec_hash"]:
+            if not spec.overwrite:
+                raise ValueError(f"{directory!r} holds {what} of a different spec ({previous.get('name')!r}, hash "
+                                 f"{previous.get('spec_hash')}); choose another output or set `overwrite: true`")
+            fs, path = filesystem(directory)
+            fs.rm(path, recursive=True)
+            log(f"  overwrite: removed the previous {what} at {directory}")
+    write_bytes_atomic(uri, json.dumps(record, indent=2).encode())

@@ -22,8 +22,8 @@ import polars as pl
 from ray import tune
 
 from engine.spec.sweep import SweepSpec
-from engine.store.uri import exists, filesystem, is_local, join, read_bytes, write_bytes_atomic
-from engine.workflows.stages import Stages
+from engine.store.uri import filesystem, is_local, join, write_bytes_atomic
+from engine.workflows.stages import Stages, claim_directory
 
 FINISHED = ("TERMINATED", "ERROR")
 OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "abfs", "az")
@@ -62,18 +62,7 @@ def tune_storage(directory: str) -> str:
 
 def claim_sweep(spec: SweepSpec, directory: str, log: Callable[[str], Any]) -> None:
     """Refuse to resume another spec's sweep; `overwrite: true` clears it first."""
-    uri = join(directory, "_sweep.json")
-    record = {"name": spec.name, "spec_hash": spec.spec_hash(), "spec": spec.model_dump(mode="json")}
-    if exists(uri):
-        previous = json.loads(read_bytes(uri))
-        if previous.get("spec_hash") != record["spec_hash"]:
-            if not spec.overwrite:
-                raise ValueError(f"{directory!r} holds a sweep of a different spec (hash {previous.get('spec_hash')});"
-                                 " choose another name or output, or set `overwrite: true`")
-            fs, path = filesystem(directory)
-            fs.rm(path, recursive=True)
-            log(f"  overwrite: removed the previous sweep at {directory}")
-    write_bytes_atomic(uri, json.dumps(record, indent=2).encode())
+    claim_directory(directory, "_sweep.json", spec, "a sweep", log)
 
 
 def check_resources(spec: SweepSpec, log: Callable[[str], Any]) -> None:
