@@ -101,7 +101,10 @@ def load_parquet_images(split: str = "train", *, path: str, image_column: str = 
     fs, fpath = url_to_fs(path)
     if not fs.exists(fpath):
         raise FileNotFoundError(f"parquet_images: file {path} (option 'path') does not exist")
-    data = pads.dataset(fpath, filesystem=fs, format="parquet")
+    try:
+        data = pads.dataset(fpath, filesystem=fs, format="parquet")
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{where} (option 'path'): cannot be read as Parquet: {str(err).splitlines()[-1]}") from None
     available = data.schema.names
     wanted = [("image_column", image_column), ("label_column", label_column)]
     wanted += [("split_column", split_column)] if split_column is not None else []

@@ -38,7 +38,7 @@ class CDeepExConfig:
             check_field(getattr(self, name) > 0.0, NAME, name, "> 0", getattr(self, name))
         check_field(self.beta >= 1.0, NAME, "beta", ">= 1", self.beta)
         check_field(0.0 < self.gamma < 1.0, NAME, "gamma", "in (0, 1)", self.gamma)
-        for name in ("inner_steps", "outer_iters", "invert_steps"):
+        for name in ("inner_steps", "outer_iters", "invert_steps"):  # outer_iters 0: the inverted start itself
             value = getattr(self, name)
             check_field(isinstance(value, int) and value >= 0, NAME, name, "an integer >= 0", value)
 

@@ -30,7 +30,7 @@ class WachterConfig:
         check_field(self.loss in LOSSES, NAME, "loss", f"one of {list(LOSSES)}", self.loss)
         check_field(self.margin >= 0.0, NAME, "margin", ">= 0", self.margin)
         check_field(self.lr > 0.0, NAME, "lr", "> 0", self.lr)
-        check_field(isinstance(self.max_iter, int) and self.max_iter >= 0, NAME, "max_iter", "an integer >= 0",
+        check_field(isinstance(self.max_iter, int) and self.max_iter >= 1, NAME, "max_iter", "an integer >= 1",
                     self.max_iter)
 
 

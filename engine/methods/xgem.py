@@ -34,7 +34,7 @@ class XGEMConfig:
             check_field(getattr(self, name) >= 0.0, NAME, name, ">= 0", getattr(self, name))
         for name in ("lr", "invert_lr"):
             check_field(getattr(self, name) > 0.0, NAME, name, "> 0", getattr(self, name))
-        for name in ("max_iter", "invert_steps"):
+        for name in ("max_iter", "invert_steps"):  # max_iter 0: the inverted start itself (a reconstruction)
             value = getattr(self, name)
             check_field(isinstance(value, int) and value >= 0, NAME, name, "an integer >= 0", value)
 

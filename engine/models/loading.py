@@ -207,6 +207,12 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def error_line(err: Exception) -> str:
+    """The message of `err` without a TorchScript interpreter's serialized traceback (its last line says why)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines and "Traceback of TorchScript" in str(err) else str(err)
+
+
 def classifier_handle_from_module(module: nn.Module, model_id: str, input_shape: Sequence[int],
                                   class_names: Sequence[str],
                                   value_range: tuple[float, float] = (0.0, 1.0)) -> ClassifierHandle:
@@ -222,8 +228,8 @@ def classifier_handle_from_module(module: nn.Module, model_id: str, input_shape:
         with torch.no_grad():
             out = module(dummy)
     except Exception as err:  # noqa: BLE001 - any failure means the shape contract is not met
-        raise ValueError(f"Model {model_id!r} failed on a dummy input of shape {[1, *shape]}: "
-                         f"{type(err).__name__}: {err}") from None
+        raise ValueError(f"Model {model_id!r} failed on a dummy input of shape {[1, *shape]} (the data's "
+                         f"input shape): {type(err).__name__}: {error_line(err)}") from None
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"Model {model_id!r} must return a logits tensor [B, K] but returned {type(out).__name__}")
     if out.dim() != 2 or out.shape[0] != 1 or out.shape[1] != len(names):

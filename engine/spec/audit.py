@@ -258,11 +258,20 @@ class AuditSpec(Strict):
         for i, entry in enumerate(self.methods):
             if entry.name not in known:
                 raise ValueError(f"methods[{i}].name: unknown method {entry.name!r}; expected one of {known}")
-            make_config(entry.name, entry.params)  # raises naming the bad parameter
+            try:
+                make_config(entry.name, entry.params)  # raises naming the bad parameter
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"methods[{i}].params: {err}") from None
             needs = get_method_class(entry.name).requires
             if self.generator is None and ("generator" in needs or "encoder" in needs):
                 raise ValueError(f"methods[{i}]: {entry.name!r} needs a generative model; add a `generator` "
                                  "entry (kind vae, dcgan or attribute_autoencoder)")
+            informed = self.generator is not None and (self.generator.kind == "attribute_autoencoder"
+                                                       or bool(self.generator.attribute_names))
+            if get_method_class(entry.name).uses_attributes and self.generator is not None and not informed:
+                raise ValueError(f"methods[{i}]: {entry.name!r} edits the attributes of an attribute-informed "
+                                 f"generator (latent z ⊕ a); generator kind {self.generator.kind!r} has none (use "
+                                 "kind attribute_autoencoder, or give `attribute_names` for your file)")
             if "encoder" in needs and self.generator is not None and self.generator.kind == "dcgan":
                 raise ValueError(f"methods[{i}]: {entry.name!r} needs a generator with an encoder; a dcgan has "
                                  "none (use vae or attribute_autoencoder)")

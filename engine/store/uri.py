@@ -15,6 +15,12 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def join(uri: str, *parts: str) -> str:
+    """`uri`/part/...; a part may not climb out of `uri` (a `..` segment), so no id or name from a spec or a
+    results file can make cfaudit write outside the output root."""
+    for part in parts:
+        if ".." in str(part).replace("\\", "/").split("/"):
+            raise ValueError(f"path component {part!r} under {uri!r} contains '..'; cfaudit writes only inside "
+                             "its output root")
     return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
 
 

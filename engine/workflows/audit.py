@@ -15,6 +15,7 @@ from engine.runtime.plan import QueryAttacher, plan_units, select_queries, unit_
 from engine.spec.audit import AuditSpec
 from engine.store.results import finished_units, result_files
 from engine.store.uri import check_writable, join, write_bytes_atomic
+from engine.workflows.preflight import check_claim, check_dataset, check_fleet
 from engine.workflows.stages import Stages, claim_directory
 
 
@@ -87,25 +88,29 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
     from engine.runtime.host import ModelHost, pick_device
 
     check_writable(spec.output)  # a missing bucket or dead endpoint fails here, not after training
+    check_claim(spec.output, "_job.json", spec, "results")  # another spec's output: refused before training
     stages = Stages(log)
     with stages.stage("data"):
         queries_data = load_dataset(spec.dataset.name, spec.queries.split, **spec.dataset.options)
+        check_dataset(queries_data, spec.queries.split)
         query_ids = select_queries(queries_data, spec.queries.count, spec.queries.seed, spec.queries.classes)
         log(f"  {spec.dataset.name}/{spec.queries.split}: {len(queries_data)} samples, {len(query_ids)} queries")
     with stages.stage("models"):
         # Train or fetch every built-in model once here, so the hosts only read the cache.
-        explainer = spec.explainer_entry()
+        explainer, handles, explainers = spec.explainer_entry(), [], {}
         for entry in spec.fleet:
-            handle = resolve_classifier(entry, spec.dataset, spec.runtime.cache_dir, log=log)
+            handles.append(resolve_classifier(entry, spec.dataset, spec.runtime.cache_dir, log=log))
             if explainer is not None:  # Progressive Exaggeration: one explainer per classifier
-                resolve_explainer(handle, explainer, spec.dataset, spec.runtime.cache_dir,
-                                  checkpoint_root=spec.output, log=log)
+                explainers[entry.id] = resolve_explainer(handles[-1], explainer, spec.dataset, spec.runtime.cache_dir,
+                                                         checkpoint_root=spec.output, log=log)
+        generator = None
         if spec.generator is not None:
-            resolve_generator(spec.generator, spec.dataset, spec.runtime.cache_dir, log=log)
+            generator = resolve_generator(spec.generator, spec.dataset, spec.runtime.cache_dir, log=log)
         oracle = None
         if spec.oracle is not None:
             oracle = resolve_oracle(spec.oracle, spec.dataset, spec.runtime.cache_dir, log=log)
         check_confounders(spec, oracle, log)
+        check_fleet(spec, handles, queries_data, query_ids, generator, oracle, explainers)  # a dry run per model
         fid = resolve_choice(spec.metrics.fid.extractor, spec.metrics.fid.weights, queries_data.kind == "image", log)
         extractor = build_extractor(fid, spec.dataset.name, spec.dataset.options, spec.runtime.cache_dir,
                                     pick_device(spec.runtime.device), log)

@@ -120,8 +120,11 @@ def audited(s3, s3_ray, tmp_path_factory):
     remote = s3.url("out")
     local_result = audit(spec_for(local), progress=False)
     with ConnectionSampler() as sampler:
-        remote_result = audit(spec_for(remote), progress=False)
+        remote_result = audit(spec_for(remote), log=LOG.append, progress=False)
     return local, remote, local_result, remote_result, sampler
+
+
+LOG: list[str] = []  # what the S3 audit printed
 
 
 def read_rows(out: str) -> pa.Table:
@@ -263,3 +266,27 @@ def test_error_messages_never_carry_credentials(s3):
                                           "client_kwargs": {"aws_session_token": "SESSIONTOKEN"}})
     text = _redact(f"AKIDEXAMPLE wJalrEXAMPLEKEY SESSIONTOKEN {SECRETS[1]} https://user:pw@host/x", fs)
     assert text == "*** *** *** *** https://***@host/x"
+
+
+@pytest.mark.ray
+def test_credentials_appear_nowhere_the_job_wrote(audited, s3):
+    """The keys the S3 audit ran with are in none of its output objects, its log, or its Ray session's logs."""
+    import ray
+
+    _, remote, *_ = audited
+    fs, root = filesystem(remote)
+    objects = [path for path in fs.find(root)]
+    assert any(path.endswith(".parquet") for path in objects) and any(path.endswith("_job.json") for path in objects)
+    written = {path: fs.cat_file(path) for path in objects}
+    session = ray._private.worker._global_node.get_session_dir_path()
+    for folder, _, names in os.walk(session):
+        for name in names:
+            try:
+                with open(os.path.join(folder, name), "rb") as fh:
+                    written[os.path.join(folder, name)] = fh.read()
+            except OSError:  # sockets and files that vanish while the cluster runs
+                pass
+    written["<log>"] = "\n".join(LOG).encode()
+    assert LOG and len(written) > 10
+    leaks = [path for path, data in written.items() for secret in SECRETS if secret.encode() in data]
+    assert leaks == []
