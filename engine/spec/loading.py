@@ -1,6 +1,7 @@
 """Read a YAML spec into a pydantic model; every error names the file, the field and what was expected."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +25,10 @@ def _field_path(loc: tuple) -> str:
     return "".join(parts) or "<root>"
 
 
+# Field names whose values are never echoed back in an error (a key pasted into the wrong field stays secret).
+SECRET_FIELD = re.compile(r"secret|password|passwd|token|credential|api[_-]?key|access[_-]?key|private[_-]?key", re.I)
+
+
 def parse_spec(model: type[M], data: Any, source: str = "<spec>") -> M:
     """Validate `data` (a dict) against `model`; raise SpecError with one line per bad field."""
     if not isinstance(data, dict):
@@ -35,6 +40,8 @@ def parse_spec(model: type[M], data: Any, source: str = "<spec>") -> M:
         for e in err.errors():
             given = e.get("input")
             shown = "" if e["type"] == "missing" or isinstance(given, dict) else f" (given: {given!r})"
+            if any(SECRET_FIELD.search(str(part)) for part in e["loc"]):
+                shown = " (value hidden: the field's name says it may be a secret)"
             msg = e["msg"].removeprefix("Value error, ")
             where = _field_path(e["loc"])
             lines.append(f"  {msg}{shown}" if where == "<root>" else f"  {where}: {msg}{shown}")

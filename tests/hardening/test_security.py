@@ -124,3 +124,22 @@ def test_local_ray_listens_on_loopback_and_its_dashboard_needs_the_token():
     assert report["anonymous"] == 401 and report["with_token"] == 200
     loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
     assert report["listening"] and all(a.startswith(loopback) for a in report["listening"]), report["listening"]
+
+
+def test_a_secret_in_a_spec_is_never_echoed_in_its_error(tmp_path, capsys):
+    """A key pasted into a field that does not exist (or has the wrong type) is refused without repeating it."""
+    import yaml
+
+    from engine.cli import main
+    from tests.fixtures.s3 import tiny_audit_spec
+
+    spec = tiny_audit_spec(str(tmp_path / "out"))
+    spec["aws_secret_access_key"] = "wJalrXUtnFEMI-K7MDENG"
+    spec["dataset"]["options"]["api_token"] = ["wJalrXUtnFEMI-K7MDENG"]
+    spec["runtime"]["access_key"] = "AKIAIOSFODNN7EXAMPLE"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["audit", str(tmp_path / "spec.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "aws_secret_access_key: Extra inputs are not permitted (value hidden" in err
+    assert "wJalrXUtnFEMI" not in err and "AKIAIOSFODNN7" not in err
+    assert not (tmp_path / "out").exists()
