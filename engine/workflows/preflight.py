@@ -92,12 +92,12 @@ def check_generator(generator: GeneratorHandle, input_shape: tuple[int, ...]) ->
                          f"classifiers take {list(input_shape)}")
 
 
-def check_methods(spec: Any, bundle: ModelBundle) -> None:
+def check_methods(entries: list[Any], bundle: ModelBundle) -> None:
     """Each method's own requirements (an encoder, attribute-informed latent, an explainer, ...)."""
     from engine.explain import bundle_for
     from engine.methods import make_method
 
-    for i, entry in enumerate(spec.methods):
+    for i, entry in enumerate(entries):
         method = make_method(entry.name, entry.params)
         try:
             method.check_models(bundle_for(method, bundle))
@@ -109,11 +109,13 @@ def check_methods(spec: Any, bundle: ModelBundle) -> None:
 def check_fleet(spec: Any, handles: list[ClassifierHandle], data: ArrayDataset, query_ids: torch.Tensor,
                 generator: Optional[GeneratorHandle], oracle: Optional[ClassifierHandle],
                 explainers: dict[str, Any]) -> None:
-    """Every model against the data and every method, before Ray starts or a shard is written."""
+    """Every model against the data and every method, before Ray starts or a shard is written.
+    `spec` has `targets` and `methods` (an audit) or `method` (a sweep)."""
     if generator is not None:
         check_generator(generator, data.input_shape)
+    entries = list(spec.methods) if hasattr(spec, "methods") else [spec.method]
     for handle in handles:
         check_classifier(handle, data, query_ids, spec.targets)
         bundle = ModelBundle(classifier=handle, generator=generator, oracle=oracle, reference=data,
                              explainer=explainers.get(handle.model_id))
-        check_methods(spec, bundle)
+        check_methods(entries, bundle)

@@ -19,10 +19,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import polars as pl
+import torch
 from ray import tune
 
 from engine.spec.sweep import SweepSpec
 from engine.store.uri import filesystem, is_local, join, write_bytes_atomic
+from engine.workflows.preflight import check_claim, check_dataset, check_fleet
 from engine.workflows.stages import Stages, claim_directory
 
 FINISHED = ("TERMINATED", "ERROR")
@@ -241,9 +243,11 @@ def sweep(spec: SweepSpec, log: Callable[[str], Any] = print, progress: bool = T
     directory = sweep_dir(spec)
     storage = tune_storage(directory)
     check_writable(spec.output)
+    check_claim(directory, "_sweep.json", spec, "a sweep")  # another spec's sweep: refused before training
     stages = Stages(log)
     with stages.stage("data"):
         data = load_dataset(spec.dataset.name, spec.queries.split, **spec.dataset.options)
+        check_dataset(data, spec.queries.split)
         query_ids = select_queries(data, spec.queries.count, spec.queries.seed, spec.queries.classes).tolist()
         log(f"  {spec.dataset.name}/{spec.queries.split}: {len(data)} samples, {len(query_ids)} queries per trial")
     with stages.stage("models"):
@@ -252,6 +256,9 @@ def sweep(spec: SweepSpec, log: Callable[[str], Any] = print, progress: bool = T
         fid = resolve_choice(spec.metrics.fid.extractor, spec.metrics.fid.weights, data.kind == "image", log)
         threads = max(1, int(spec.resources.cpu))
         runner = TrialRunner(spec, query_ids, cache_dir, fid, threads=threads, log=log)
+        bundles = list(runner.bundles.values())
+        check_fleet(spec, [b.classifier for b in bundles], data, torch.as_tensor(query_ids), bundles[0].generator,
+                    bundles[0].oracle, {b.classifier.model_id: b.explainer for b in bundles})  # a dry run per model
         reference = None
         if runner.options.extractor is not None:
             state = reference_state(runner.options.extractor, data.x.float(), spec.metrics.fid.reference_samples,

@@ -226,3 +226,18 @@ def test_every_readme_row_has_a_test():
         file, _, name = test.partition("::")
         assert (root / file).is_file() and re.search(rf"def {re.escape(name)}\(", (root / file).read_text()), row
     assert ids <= set(re.findall(r"`([a-z0-9-]+)`", section)), sorted(ids - set(re.findall(r"`([a-z0-9-]+)`", section)))
+
+
+def test_a_sweep_refuses_a_bad_target_before_tune_starts(tmp_path, capsys):
+    """The sweep job runs the same dry run: an out-of-range target is refused before Ray and Tune start."""
+    spec = tiny_audit_spec(str(tmp_path / "out"))
+    spec.pop("methods")
+    spec.pop("runtime")
+    spec.update(targets=7, method={"name": "wachter", "params": {"max_iter": 5}},
+                space={"lam": {"grid": [0.1, 1.0]}},
+                objectives=[{"metric": "flip_ratio", "mode": "max"}, {"metric": "mean_l2", "mode": "min"}])
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "targets: class 7 is out of range for a classifier with 2 classes (model 'cnn')" in err, err
+    assert _written(tmp_path / "out") == []
