@@ -68,6 +68,26 @@ def l0(x_cf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return ((x_cf - x).abs().flatten(1) >= 1e-3).sum(1)
 
 
+class RowWise(nn.Module):
+    """Evaluates `inner` one row at a time: outputs that cannot depend on the batch, not even in the last bit."""
+
+    def __init__(self, inner: nn.Module, encoder: bool = True) -> None:
+        super().__init__()
+        self.inner = inner
+        if encoder and hasattr(inner, "encode"):
+            self.encode = lambda x: self._rows(inner.encode, x)
+
+    @staticmethod
+    def _rows(fn, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(x[i:i + 1]) for i in range(len(x))]) if len(x) else fn(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rows(self.inner, x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self._rows(self.inner.decode, z)
+
+
 class NaNNear(nn.Module):
     """Wraps a classifier and returns NaN logits for inputs near `center`.
 

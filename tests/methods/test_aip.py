@@ -196,16 +196,19 @@ def test_batch_of_n_equals_n_single_calls_and_runs_repeat(confounded_cnn, shapes
     target = q.target.clone()
     target[1] = 1 - target[1]  # already the prediction
     q = QueryBatch(q.x, target, q.query_id, seed=q.seed)
-    method = make_method("aip", {"n_max": 10, "mu": 0.005, "gamma": 0.005})  # small steps: some run out of budget
-    batched = method.explain(q, bundle)
-    assert batched.status[1] == STATUS_ALREADY and torch.equal(batched.x_cf[1], q.x[1])
-    assert torch.equal(batched.a_cf[1], batched.a0[1]) and batched.n_iter[1] == 0
-    assert {STATUS_OK, STATUS_BUDGET} <= set(batched.status)
-    for i in range(len(q)):
-        single = method.explain(q.select(slice(i, i + 1)), bundle)
-        assert single.status == batched.status[i:i + 1] and single.n_iter[0] == batched.n_iter[i]
-        for key in ("x_cf", "z_cf", "a_cf", "z0", "a0"):
-            torch.testing.assert_close(getattr(single, key)[0], getattr(batched, key)[i], rtol=0, atol=1e-4)
+    statuses: set[str] = set()
+    for budget in (2, 10):  # small steps and two budgets: queries that finish and queries that run out
+        method = make_method("aip", {"n_max": budget, "mu": 0.005, "gamma": 0.005})
+        batched = method.explain(q, bundle)
+        assert batched.status[1] == STATUS_ALREADY and torch.equal(batched.x_cf[1], q.x[1])
+        assert torch.equal(batched.a_cf[1], batched.a0[1]) and batched.n_iter[1] == 0
+        statuses |= set(batched.status)
+        for i in range(len(q)):
+            single = method.explain(q.select(slice(i, i + 1)), bundle)
+            assert single.status == batched.status[i:i + 1] and single.n_iter[0] == batched.n_iter[i]
+            for key in ("x_cf", "z_cf", "a_cf", "z0", "a0"):
+                torch.testing.assert_close(getattr(single, key)[0], getattr(batched, key)[i], rtol=0, atol=1e-4)
+    assert {STATUS_OK, STATUS_BUDGET} <= statuses
     again = make_method("aip", {"n_max": 10, "mu": 0.005, "gamma": 0.005}).explain(q, bundle)
     for key in ("x_cf", "z_cf", "a_cf", "p_cf", "n_iter", "success"):
         assert torch.equal(getattr(again, key), getattr(batched, key))

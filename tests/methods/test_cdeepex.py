@@ -24,7 +24,7 @@ from engine.models.handles import ClassifierHandle, GeneratorHandle, ModelBundle
 from engine.models.loading import classifier_handle_from_module
 from engine.models.zoo import get_or_train
 from engine.types import STATUS_ALREADY, STATUS_BUDGET, STATUS_NAN, STATUS_OK, QueryBatch
-from tests.methods.conftest import NaNNear
+from tests.methods.conftest import NaNNear, RowWise
 
 LATENT = ["cdeepex", "xgem"]
 FAST = {"cdeepex": {"outer_iters": 15}, "xgem": {"max_iter": 150}}  # CPU budgets for the contract checks
@@ -250,26 +250,6 @@ def test_batch_of_n_equals_n_single_calls(name: str, digits10: Latent10) -> None
         assert single.status == batched.status[i:i + 1]
         assert single.n_iter.item() == batched.n_iter[i].item()
         torch.testing.assert_close(single.x_cf[0], batched.x_cf[i], rtol=0, atol=1e-4)
-
-
-class RowWise(torch.nn.Module):
-    """Evaluates `inner` one row at a time: outputs that cannot depend on the batch, not even in the last bit."""
-
-    def __init__(self, inner: torch.nn.Module, encoder: bool = True) -> None:
-        super().__init__()
-        self.inner = inner
-        if encoder and hasattr(inner, "encode"):
-            self.encode = lambda x: self._rows(inner.encode, x)
-
-    @staticmethod
-    def _rows(fn, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(x[i:i + 1]) for i in range(len(x))]) if len(x) else fn(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._rows(self.inner, x)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self._rows(self.inner.decode, z)
 
 
 @pytest.mark.parametrize("name", LATENT)
