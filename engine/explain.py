@@ -55,7 +55,8 @@ def explain_unit(method: Method, bundle: ModelBundle, x: torch.Tensor, query_ids
     columns.update(per_query_columns(batch, cf, shared, metrics or MetricOptions(),
                                      oracle_changed=columns.get("oracle_changed")))
     if bundle.schema is not None:  # measured on the records, in the data's units too (engine.data.schema)
-        columns.update(result_columns(bundle.schema, batch.x, cf.x_cf))
+        own = getattr(bundle.schema, "result_columns", None)  # text: the sentences (engine.data.vocab)
+        columns.update(own(batch.x, cf.x_cf) if own else result_columns(bundle.schema, batch.x, cf.x_cf))
     return cf_to_table(batch.to("cpu"), torch.softmax(logits, -1).cpu(), cf.cpu(), seconds, columns)
 
 
@@ -104,6 +105,7 @@ def cf_to_table(batch: QueryBatch, p_orig: torch.Tensor, cf: CFBatch, seconds: f
         "l2": torch.nan_to_num(dist["l2"], nan=float("inf")).numpy(),
         **{k: meta[k] for k in ("l0", "l1", "l2") if k in meta},  # a tabular schema's per-feature measures
         "p_orig": p_orig.numpy(), "p_cf": p_cf.numpy(), "x_cf": x_cf.numpy(),
+        "path": None if cf.path is None else torch.nan_to_num(cf.path).numpy(),  # progressive series
         "reason": _reasons(cf),
     }
     if columns["n_features"] is None:

@@ -26,6 +26,7 @@ _LOADERS: dict[str, Union[str, Callable[..., ArrayDataset]]] = {
     "image_folder": "engine.data.image_folder:load_image_folder",
     "tabular": "engine.data.tabular:load_tabular",
     "german_credit": "engine.data.german_credit:load_german_credit",
+    "text": "engine.data.text:load_text",
 }
 
 REQUIRED = inspect.Parameter.empty  # marks a required option in `dataset_options`

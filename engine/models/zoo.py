@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.data.base import ArrayDataset
 from engine.models import architectures as A
+from engine.models import text_models as TM
 from engine.models import training as T
 from engine.models.cache import CODE_VERSION, ModelCache, cache_key
 
@@ -23,16 +24,21 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "dcgan_discriminator": A.DCGANDiscriminator,
     "attribute_autoencoder": A.AttributeAutoencoder,
     "attribute_oracle": A.AttributeOracle,
+    "text_cnn": TM.TextCNN,  # text (engine.data.text): x [B, L, E] word vectors
+    "text_vae": TM.TextVAE,
 }
 
 # kind -> (training routine, architectures it accepts)
 KINDS: dict[str, tuple[Callable[..., tuple[nn.Module, list[float]]], tuple[str, ...]]] = {
-    "classifier": (T.train_classifier, ("cnn", "mlp")),
+    "classifier": (T.train_classifier, ("cnn", "mlp", "text_cnn")),
     "vae": (T.train_vae, ("conv_vae",)),
     "dcgan": (T.train_dcgan, ("dcgan_generator",)),
-    "attribute_autoencoder": (T.train_attribute_autoencoder, ("attribute_autoencoder",)),
+    "attribute_autoencoder": (T.train_attribute_autoencoder, ("attribute_autoencoder", "text_vae")),
     "oracle": (T.train_oracle, ("attribute_oracle", "mlp")),
 }
+
+# Architectures trained by a routine of their own rather than their kind's.
+ARCH_TRAINERS: dict[str, Callable[..., tuple[nn.Module, list[float]]]] = {"text_vae": TM.train_text_vae}
 
 DEFAULT_LATENT_DIM = 16
 
@@ -85,14 +91,21 @@ def infer_arch_kwargs(kind: str, arch: str, arch_kwargs: dict, dataset: ArrayDat
     inferred["num_attributes"] = num_attributes
     inferred["num_classes"] = num_attributes if kind == "oracle" else dataset.num_classes
     inferred["latent_dim"] = DEFAULT_LATENT_DIM  # DCGANGenerator requires one; the others default to the same
+    if dataset.kind == "text":  # engine.data.text: [L, E] word vectors over a vocabulary
+        inferred.update(seq_len=shape[0], embed_dim=shape[1], vocab_size=len(dataset.schema))
     out = {k: v for k, v in inferred.items() if k in params}
     out.update(arch_kwargs)
     return out
 
 
-def resolve_train_kwargs(kind: str, train_kwargs: Optional[dict]) -> dict:
+def trainer_for(kind: str, arch: Optional[str] = None) -> Callable[..., tuple[nn.Module, list[float]]]:
+    """The routine that trains `arch` as `kind`: the architecture's own (ARCH_TRAINERS), else the kind's."""
+    return ARCH_TRAINERS.get(arch, KINDS[kind][0])
+
+
+def resolve_train_kwargs(kind: str, train_kwargs: Optional[dict], arch: Optional[str] = None) -> dict:
     """The training routine's hyper-parameters: its defaults overridden by `train_kwargs`."""
-    trainer = KINDS[kind][0]
+    trainer = trainer_for(kind, arch)
     defaults = {n: p.default for n, p in inspect.signature(trainer).parameters.items()
                 if n not in _NOT_HYPERPARAMETERS}
     given = dict(train_kwargs or {})
@@ -114,7 +127,8 @@ def get_or_train(kind: str, arch: str, arch_kwargs: Optional[dict], dataset: Arr
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown model kind {kind!r}; expected one of {sorted(KINDS)}")
-    trainer, archs = KINDS[kind]
+    archs = KINDS[kind][1]
+    trainer = trainer_for(kind, arch)
     if arch not in ARCHITECTURES:
         raise ValueError(f"Unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     if arch not in archs:
@@ -124,7 +138,7 @@ def get_or_train(kind: str, arch: str, arch_kwargs: Optional[dict], dataset: Arr
     with T.seeded(seed):
         module = build(arch, **kwargs)
     hparams = module.hparams
-    tk = resolve_train_kwargs(kind, train_kwargs)
+    tk = resolve_train_kwargs(kind, train_kwargs, arch)
     key = cache_key(kind, arch, hparams, tk, seed, dataset_fingerprint)
     cache = ModelCache(cache_dir)
     hit = cache.load(key)

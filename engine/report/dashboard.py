@@ -6,7 +6,8 @@ inline base64 PNG data URI drawn with matplotlib (Agg); the page has no script a
 Sections: the fleet table sorted by confounding rate; per model, one grid per method of query /
 counterfactual / difference map (red: the counterfactual added intensity, blue: it removed some, as in
 CDeepEx) and a bar chart of the attributes the counterfactuals moved; the desired-vs-achieved
-compatibility plot of progressive-series methods (`exaggeration`); FID per method with its extractor.
+compatibility plot of progressive-series methods (`exaggeration`) and, per model, their series images
+(engine.report.dashboard_series); FID per method with its extractor.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import pyarrow.parquet as pq
 from engine.store.results import result_files
 from engine.store.uri import exists, filesystem, join, read_bytes, write_bytes_atomic
 
-SCALARS = ["query_id", "label", "pred_orig", "target", "pred_cf", "success", "oracle_changed", "changes"]
+SCALARS = ["query_id", "label", "pred_orig", "target", "pred_cf", "success", "oracle_changed", "changes",
+           "text", "text_cf"]
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#1d1d1f;
 background:#fff;max-width:1300px}
@@ -344,6 +346,11 @@ def render_dashboard(out: str, max_examples: int = 6) -> str:
             rows, x_cf = _examples(shards[(model, method)], max_examples)
             if x_cf is None:
                 continue
+            if any(r.get("text_cf") is not None for r in rows):  # sentences (engine.report.dashboard_text)
+                from engine.report.dashboard_text import text_table
+
+                parts.append(text_table(rows, class_names, model, method))
+                continue
             if any(r.get("changes") is not None for r in rows):  # tabular records: the changes in words
                 parts.append(_changes_table(rows, class_names, model, method))
                 continue
@@ -358,17 +365,18 @@ def render_dashboard(out: str, max_examples: int = 6) -> str:
             parts.append(f"<h3>Attribute drivers</h3><figure>{_img(chart, f'{model} attribute drivers', 'drivers')}"
                          "</figure>")
 
-    # Progressive series (exaggeration): compatibility of desired and achieved outputs.
-    parts.append("<h2 id=\"compatibility\">Compatibility of progressive series</h2>")
+    # Progressive series (exaggeration): compatibility of desired and achieved outputs, then the series.
+    parts.append("<h2 id=\"compatibility\">Progressive series: compatibility and exaggeration</h2>")
     series = {key: s for key, uris in sorted(shards.items()) if (s := _series(uris)) is not None}
     if series:
         parts.append(f"<figure>{_img(_compatibility(series), 'compatibility plot', 'compat')}</figure>")
-        parts.append("<p class=\"note\">Every step of every query pooled per model. The series images themselves "
-                     "are not stored in the results (only the desired and achieved outputs), so they are not "
-                     "shown.</p>")
+        parts.append("<p class=\"note\">Every step of every query pooled per model.</p>")
+        from engine.report.dashboard_series import series_section
+
+        parts += series_section(shards, models, queries, class_names)
     else:
         parts.append("<p class=\"note\">No method in this audit produced progressive series "
-                     "(<code>exaggeration</code> does); series images are not stored in the results.</p>")
+                     "(<code>exaggeration</code> does).</p>")
 
     # Counterfactual augmentation (cfaudit augment --evaluate): test accuracy per arm over seeds.
     aug_uri = join(out, "reports", "augmentation.parquet")

@@ -24,7 +24,7 @@ from engine.store.uri import filesystem, join, write_bytes_atomic
 # What the audit prints (every column is in the Parquet file).
 SUMMARY_COLUMNS = ["model_id", "method", "queries", "validity", "mean_l0", "mean_l2", "seconds_per_cf",
                    "mean_lpr", "confounding_rate", "confounding_lo", "confounding_hi", "deletion_area", "fid"]
-TENSOR_COLUMNS = {"x_cf", "p_orig", "p_cf"}
+TENSOR_COLUMNS = {"x_cf", "p_orig", "p_cf", "path"}
 
 
 def read_results(out: str, columns: list[str] | None = None) -> pl.DataFrame:

@@ -22,7 +22,7 @@ class DatasetRef(Strict):
 class TrainEntry(Strict):
     """A built-in model trained (or taken from the cache) on the spec's dataset."""
 
-    arch: Literal["cnn", "mlp"] = "cnn"
+    arch: Literal["cnn", "mlp", "text_cnn"] = "cnn"  # text_cnn: Kim's CNN over word vectors (dataset `text`)
     arch_options: dict[str, Any] = Field(default_factory=dict)
     dataset_options: dict[str, Any] = Field(default_factory=dict,
                                             description="overrides of dataset.options for training (e.g. bias)")

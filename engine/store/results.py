@@ -2,7 +2,8 @@
 
 Counterfactuals are stored as an Arrow fixed-shape tensor column `x_cf` (extension type
 `arrow.fixed_shape_tensor`, float32, the classifier's input shape), readable by pyarrow
-(`.to_numpy_ndarray()`) and by plain polars (as an extension of a fixed-size array).
+(`.to_numpy_ndarray()`) and by plain polars (as an extension of a fixed-size array). A progressive
+series is stored the same way, as a list of such tensors per row (`path`, `read_series`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import pyarrow.parquet as pq
 
 from engine.store.uri import filesystem, is_local, join, write_bytes_atomic
 
-SCHEMA_VERSION = 3  # 2: per-query metric columns (engine.metrics.per_query); 3: tabular records
+SCHEMA_VERSION = 4  # 2: per-query metric columns (engine.metrics.per_query); 3: tabular records;
+                    # 4: progressive series `path`; text sentences `text`, `text_cf`
 
 # Scalar columns, in order; `x_cf`, `p_orig` and `p_cf` are appended with shapes known per model.
 SCALAR_FIELDS: list[pa.Field] = [
@@ -52,6 +54,9 @@ SCALAR_FIELDS: list[pa.Field] = [
     pa.field("l2_units", pa.float32(), nullable=True),
     pa.field("record_cf", pa.string(), nullable=True),       # tabular schema: the counterfactual record, JSON
     pa.field("changes", pa.list_(pa.string()), nullable=True),  # tabular schema: "feature: before -> after"
+                                                                 # text: changed words "before -> after"
+    pa.field("text", pa.string(), nullable=True),            # text data: the query's words, space-separated
+    pa.field("text_cf", pa.string(), nullable=True),         # text data: the counterfactual's words
     pa.field("reason", pa.string(), nullable=True),          # why a query did not succeed, in words
     pa.field("z_l2", pa.float32(), nullable=True),           # ||z_cf - z0||_2 for latent-space methods
     pa.field("attribute_delta", pa.map_(pa.string(), pa.float32()), nullable=True),  # a_cf - a0 by name
@@ -79,6 +84,9 @@ def results_schema(input_shape: Sequence[int], num_classes: int) -> pa.Schema:
         pa.field("p_orig", pa.list_(pa.float32(), num_classes), nullable=False),
         pa.field("p_cf", pa.list_(pa.float32(), num_classes), nullable=False),
         pa.field("x_cf", pa.fixed_shape_tensor(pa.float32(), list(input_shape)), nullable=False),
+        # The progressive series x_δ of methods that produce one (`exaggeration`), S steps of the input shape
+        # (S may differ between rows); null for every other method.
+        pa.field("path", pa.list_(pa.fixed_shape_tensor(pa.float32(), list(input_shape))), nullable=True),
     ], metadata={"cfaudit.schema_version": str(SCHEMA_VERSION)})
 
 
@@ -96,6 +104,8 @@ def rows_to_table(columns: dict[str, np.ndarray], input_shape: Sequence[int], nu
         elif f.name == "x_cf":
             arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(
                 np.ascontiguousarray(columns["x_cf"], np.float32)))
+        elif f.name == "path" and columns.get("path") is not None:
+            arrays.append(series_array(columns["path"], n, f.type))
         else:
             value = columns.get(f.name)
             if isinstance(value, pa.Array):
@@ -108,6 +118,23 @@ def rows_to_table(columns: dict[str, np.ndarray], input_shape: Sequence[int], nu
                 value = [value] * n
             arrays.append(pa.array(value, type=f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def series_array(path: np.ndarray, n: int, kind: pa.DataType) -> pa.ListArray:
+    """path [B, S, *shape] -> one list of S tensors per row (the `path` column's type `kind`)."""
+    path = np.ascontiguousarray(path, np.float32)
+    if path.ndim < 2 or path.shape[0] != n or list(path.shape[2:]) != list(kind.value_type.shape):
+        raise ValueError(f"results column 'path': expected [{n}, S, {', '.join(map(str, kind.value_type.shape))}], "
+                         f"got {list(path.shape)}")
+    steps = pa.FixedShapeTensorArray.from_numpy_ndarray(path.reshape(-1, *path.shape[2:]))
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * path.shape[1]), steps, type=kind)
+
+
+def read_series(column: pa.ChunkedArray | pa.Array, rows: Sequence[int]) -> list[np.ndarray | None]:
+    """The series [S, *shape] of the given rows of a `path` column (None where the row has none)."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    picked = column.take(pa.array(list(rows), pa.int64()))
+    return [None if value.values is None else value.values.to_numpy_ndarray() for value in picked]
 
 
 def shard_uri(out: str, model_id: str, method: str, part: int) -> str:

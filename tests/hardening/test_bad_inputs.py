@@ -127,7 +127,7 @@ CASES: list[tuple[str, Callable, str]] = [
     ("spec-unknown-method-parameter", _set("methods", [{"name": "wachter", "params": {"lamda": 1}}]),
      r"methods\[0\]\.params: Unknown parameter\(s\) \['lamda'\] for method 'wachter'; expected some of \[.*'lam'"),
     ("spec-unknown-architecture", _set("fleet", [{"id": "m", "train": {"arch": "resnet"}}]),
-     r"fleet\[0\]\.train\.arch: Input should be 'cnn' or 'mlp'"),
+     r"fleet\[0\]\.train\.arch: Input should be 'cnn', 'mlp' or 'text_cnn'"),
     ("spec-unknown-reference-model", _set("metrics.reference_model", "nope"),
      r"metrics\.reference_model: expected one of the fleet ids \['cnn'\], got 'nope'"),
     ("spec-method-needs-generator", _set("methods", [{"name": "xgem"}]),

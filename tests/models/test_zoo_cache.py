@@ -106,7 +106,7 @@ def test_unknown_names_and_unjsonable_inputs_are_value_errors(tmp_path, data):
         zoo.get_or_train("gan", "cnn", {}, data, "fp", {}, 0, cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"Unknown architecture 'vit'; expected one of \['attribute_autoencoder'"):
         zoo.get_or_train("classifier", "vit", {}, data, "fp", {}, 0, cache_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"cannot be trained as kind 'classifier'; expected one of \['cnn', 'mlp'\]"):
+    with pytest.raises(ValueError, match=r"cannot be trained as kind 'classifier'; expected one of \['cnn', 'mlp', 'text_cnn'\]"):
         zoo.get_or_train("classifier", "conv_vae", {}, data, "fp", {}, 0, cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"Unknown training argument\(s\) \['epoch'\]"):
         zoo.get_or_train("classifier", "cnn", {}, data, "fp", {"epoch": 1}, 0, cache_dir=tmp_path)

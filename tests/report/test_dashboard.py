@@ -1,6 +1,7 @@
 """The self-contained HTML dashboard (issue #8) of a small audit written without Ray: two models x
-(gradual construction, and an `exaggeration` shard built from it with progressive-series columns)."""
+(gradual construction, and `exaggeration` through a tiny explainer, whose results carry the series `path`)."""
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -8,43 +9,42 @@ import shutil
 import subprocess
 import tempfile
 
-import pyarrow as pa
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
+from engine.data import dataset_fingerprint
 from engine.explain import explain_unit
 from engine.methods import make_method
 from engine.metrics.per_query import MetricOptions
+from engine.models.explainer_training import ExplainerConfig, get_or_train_explainer
 from engine.models.handles import ModelBundle
 from engine.report.bias import write_reports
 from engine.report.dashboard import render_dashboard
-from engine.report.summary import write_summary
-from engine.store.results import shard_uri, write_shard
+from engine.report.summary import read_shard, write_summary
+from engine.store.results import SCHEMA_VERSION, read_series, shard_uri, write_shard
 from engine.store.uri import join, write_bytes_atomic
 from tests.fixtures.zoo import SHAPES
 
 N = 6
+TINY = ExplainerConfig(steps=3, batch_size=8, width=4, d_steps=1)
 MODELS = ("bias0.0", "bias1.0")
 METHODS = ("exaggeration", "gradual_construction")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 
 
-def _series_shard(table: pa.Table) -> pa.Table:
-    """The same rows as if written by `exaggeration`: a 5-step series of desired / achieved outputs each."""
-    n = table.num_rows
-    desired = [[0.1, 0.3, 0.5, 0.7, 0.9] for _ in range(n)]
-    achieved = [[min(1.0, d + 0.05 * (i % 3)) for d in row] for i, row in enumerate(desired)]
-    table = table.set_column(table.schema.get_field_index("method"), "method", pa.array(["exaggeration"] * n))
-    for name, values in (("desired", desired), ("achieved", achieved)):
-        i = table.schema.get_field_index(name)
-        table = table.set_column(i, table.schema.field(i), pa.array(values, pa.list_(pa.float32())))
-    return table
+def _tiny_explainer(handle, data):
+    """A working (not a good) explainer: the dashboard needs real series, not faithful ones."""
+    subset = dataclasses.replace(data, x=data.x[:64], y=data.y[:64], attributes=data.attributes[:64])
+    return get_or_train_explainer(handle.module, subset, dataset_fingerprint(subset), TINY, seed=0)[0]
 
 
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory, fair_cnn, confounded_cnn, shapes_oracle, shapes_biased_train, shapes_test):
+def dashboard(tmp_path_factory, fair_cnn, confounded_cnn, shapes_oracle, shapes_train, shapes_biased_train,
+              shapes_test):
     out = str(tmp_path_factory.mktemp("audit"))
     options = MetricOptions(confounders=("marker",), deletion_steps=0)
     for model_id, handle in zip(MODELS, (fair_cnn, confounded_cnn)):
@@ -54,18 +54,22 @@ def dashboard(tmp_path_factory, fair_cnn, confounded_cnn, shapes_oracle, shapes_
         table = explain_unit(make_method("gradual_construction", {"sigma": 20}), bundle, shapes_test.x[:N],
                              torch.arange(N), shapes_test.y[:N], "flip", seed=0, meta=meta, metrics=options)
         write_shard(shard_uri(out, model_id, "gradual_construction", 0), table)
-        write_shard(shard_uri(out, model_id, "exaggeration", 0), _series_shard(table))
+        bundle = ModelBundle(classifier=handle, oracle=shapes_oracle, explainer=_tiny_explainer(handle, shapes_train))
+        table = explain_unit(make_method("exaggeration"), bundle, shapes_test.x[:N], torch.arange(N),
+                             shapes_test.y[:N], "flip", seed=0, meta={**meta, "method": "exaggeration"},
+                             metrics=options)
+        write_shard(shard_uri(out, model_id, "exaggeration", 0), table)
     spec = {"name": "dash <test>", "dataset": {"name": "shapes", "options": {**SHAPES, "confounder": "marker"}},
             "queries": {"split": "test"}, "metrics": {"confidence": 0.95, "bootstrap_samples": 100}}
     write_bytes_atomic(join(out, "_job.json"), json.dumps({"spec": spec}).encode())
     summary = write_summary(out, 0.95, 100)
     reports = write_reports(out, summary=summary)
     path = render_dashboard(out, max_examples=4)
-    return path, reports
+    return path, reports, out
 
 
 def test_dashboard_is_self_contained_and_complete(dashboard):
-    path, reports = dashboard
+    path, reports, _ = dashboard
     assert path.endswith("dashboard/index.html")
     page = open(path, encoding="utf-8").read()
     assert "<script" not in page
@@ -82,11 +86,20 @@ def test_dashboard_is_self_contained_and_complete(dashboard):
     grids = re.findall(r'<figure class="grid" data-model="([^"]+)" data-method="([^"]+)"', page)
     assert sorted(grids) == sorted((m, k) for m in MODELS for k in METHODS)
     assert page.count('class="drivers"') == len(MODELS)
-    assert page.count('class="compat"') == 1 and "not stored" in page
+    assert page.count('class="compat"') == 1
+    # Per model, one figure of exaggeration's progressive series: a row per query of the query and its 10 steps.
+    series = re.findall(r'<figure class="series" data-model="([^"]+)" data-method="([^"]+)" data-steps="(\d+)">'
+                        r'<img class="series" [^>]*src="([^"]+)"', page)
+    assert sorted((m, k, int(s)) for m, k, s, _ in series) == [(m, "exaggeration", TINY.num_bins) for m in MODELS]
+    section = page[page.index('id="compatibility"'):page.index('id="fid"')]
+    assert section.index('class="compat"') < section.index('class="series"')
+    for *_, uri in series:
+        width, height = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size
+        assert width > 2 * height, (width, height)  # 3 rows of 1 + 10 images
     assert "dash &lt;test&gt;" in page and "dash <test>" not in page
     assert 'id="fid-table"' in page
     images = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    assert len(images) == len(MODELS) * len(METHODS) + len(MODELS) + 1
+    assert len(images) == len(MODELS) * len(METHODS) + 2 * len(MODELS) + 1
     for uri in images:
         assert uri.startswith("data:image/png;base64,")
         data = base64.b64decode(uri.split(",", 1)[1], validate=True)
@@ -104,7 +117,7 @@ def _chromium(*args, timeout=60):
 
 
 def test_dashboard_renders_in_headless_chromium(dashboard, tmp_path):
-    path, _ = dashboard
+    path, _, _ = dashboard
     url = f"file://{path}"
     shot = tmp_path / "shot.png"
     run = _chromium(f"--screenshot={shot}", "--window-size=1400,2000", "--virtual-time-budget=5000",
@@ -121,4 +134,27 @@ def test_dashboard_renders_in_headless_chromium(dashboard, tmp_path):
     dom = _chromium("--dump-dom", "--virtual-time-budget=5000", url)
     assert dom.returncode == 0, dom.stderr[-3000:]
     assert '<table id="fleet-table">' in dom.stdout
-    assert dom.stdout.count("<img ") == len(MODELS) * len(METHODS) + len(MODELS) + 1
+    assert dom.stdout.count("<img ") == len(MODELS) * len(METHODS) + 2 * len(MODELS) + 1
+    assert dom.stdout.count('<img class="series"') == len(MODELS)
+
+
+def test_results_store_the_progressive_series(dashboard, fair_cnn, confounded_cnn, tmp_path):
+    _, _, out = dashboard
+    for model_id, handle in zip(MODELS, (fair_cnn, confounded_cnn)):
+        table = pq.read_table(shard_uri(out, model_id, "exaggeration", 0))
+        series = np.stack(read_series(table.column("path"), range(N)))
+        assert series.shape == (N, TINY.num_bins, 3, 32, 32)
+        with torch.no_grad():  # `achieved` is the model's output on the stored steps
+            f = torch.softmax(handle.logits(torch.from_numpy(series).flatten(0, 1)), 1)[:, 1].view(N, -1)
+        torch.testing.assert_close(f, torch.tensor(table.column("achieved").to_pylist()), atol=1e-5, rtol=0)
+        x_cf = table.column("x_cf").combine_chunks().to_numpy_ndarray()
+        assert all(any(np.array_equal(x, step) for step in s) for x, s in zip(x_cf, series))  # x_cf is a step
+        gc = pq.read_table(shard_uri(out, model_id, "gradual_construction", 0), columns=["path"])
+        assert gc.column("path").null_count == gc.num_rows  # a method without a series stores none
+    # A shard of the previous results schema (no `path`) is refused by name, not misread.
+    old = tmp_path / "part-00000.parquet"
+    table = pq.read_table(shard_uri(out, MODELS[0], "exaggeration", 0)).drop_columns(["path"])
+    pq.write_table(table.replace_schema_metadata({b"cfaudit.schema_version": b"3"}), old)
+    with pytest.raises(ValueError, match=rf"part-00000.parquet: results schema version 3, this cfaudit reads "
+                                         rf"version {SCHEMA_VERSION}"):
+        read_shard(str(old))
