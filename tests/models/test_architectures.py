@@ -19,11 +19,16 @@ def _kwargs(arch: str, c: int, s: int) -> dict:
         "dcgan_discriminator": dict(in_channels=c, image_size=s, width=8),
         "attribute_autoencoder": dict(in_channels=c, image_size=s, latent_dim=6, num_attributes=3, width=8),
         "attribute_oracle": dict(in_channels=c, image_size=s, num_attributes=3, width=8),
+        "text_cnn": dict(embed_dim=6, num_classes=2, filters=4),
+        "text_vae": dict(seq_len=5, embed_dim=6, vocab_size=11, latent_dim=4),
     }[arch]
 
 
+IMAGE_ARCHS = sorted(a for a in zoo.ARCHITECTURES if not a.startswith("text_"))  # text: tests/methods/test_text_*
+
+
 @pytest.mark.parametrize("size", [8, 13, 28, 32, 64])
-@pytest.mark.parametrize("arch", sorted(zoo.ARCHITECTURES))
+@pytest.mark.parametrize("arch", IMAGE_ARCHS)
 def test_shapes_and_ranges(arch, size):
     c = 3 if size % 2 == 0 else 1
     module = zoo.build(arch, **_kwargs(arch, c, size)).eval()
