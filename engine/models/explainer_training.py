@@ -2,6 +2,7 @@
 
 Per generator step, with x a batch, c0 = c_f(x, 0) the bin of f(x) and k a uniformly drawn target bin:
     D:   hinge  relu(1 - D(x, c0)) + relu(1 + D(G(E(x), k), k))                       Eq. 7, d_steps times
+         (the last one on the generator step's own batch and fakes, detached: one generator pass fewer)
     E,G: λ_cGAN · -D(G(E(x), k), k)                                                    Eq. 8
        + λ_f    · KL(p_k ‖ f(G(E(x), k)))        p_k = centre of bin k = f(x) + δ       Eq. 5 (second term)
        + λ_rec  · (|x - G(E(x), c0)|₁ + |x - G(E(G(E(x), k)), c0)|₁)                   Eq. 5, 6
@@ -45,6 +46,7 @@ class ExplainerConfig:
     num_bins: int = 10          # ⌊1/δ⌋ bins of f(x) ∈ [0, 1] (§2.1; δ = 0.1 in the paper's figures)
     positive_class: int = 1     # f(x) = P(y = positive_class | x); binary tasks explain class 1 vs the rest
     width: int = 16             # base channels of E, G and D (App. A.1's blocks, narrow enough for a CPU)
+    disc_width: int = 0         # D's base channels; 0: `width` (not in the paper: a narrower D for a CPU budget)
     levels: int = 0             # E's downsampling stages; 0: down to a code of at most 8x8 (not in the paper)
     skip: bool = False          # U-Net-style shortcut from E's stem to G's last block (not in the paper)
     steps: int = 2000           # generator steps (not in the paper; sized for shapes on 2 CPU cores)
@@ -58,14 +60,17 @@ class ExplainerConfig:
     lambda_rec: float = 100.0   # λ_rec, on both L_rec and L_cyc (Eq. 9)
 
     def __post_init__(self) -> None:
-        for name in ("num_bins", "width", "batch_size", "d_steps", "steps", "levels"):
+        for name in ("num_bins", "width", "disc_width", "batch_size", "d_steps", "steps", "levels"):
             value = getattr(self, name)
-            low = 2 if name == "num_bins" else (0 if name in ("steps", "d_steps", "levels") else 1)
+            low = 2 if name == "num_bins" else (0 if name in ("steps", "d_steps", "levels", "disc_width") else 1)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Expected `explainer.{name}` to be an integer >= {low} but got {value!r}")
         if not isinstance(self.positive_class, int) or self.positive_class < 0:
             raise ValueError(f"Expected `explainer.positive_class` to be an integer >= 0 but got "
                              f"{self.positive_class!r}")
+        for name in ("lr", "beta1", "beta2", "lambda_cgan", "lambda_f", "lambda_rec"):  # 3 and 3.0: one cache key
+            if isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool):
+                object.__setattr__(self, name, float(getattr(self, name)))
         for name in ("lr",):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Expected `explainer.{name}` to be > 0 but got {getattr(self, name)!r}")
@@ -145,7 +150,7 @@ def _step_generator(seed: int, step: int, rank: int, salt: int) -> torch.Generat
 def _draw(x: torch.Tensor, c0: torch.Tensor, n: int, num_bins: int, g: torch.Generator, device: torch.device):
     idx = torch.randint(0, len(x), (n,), generator=g)
     k = torch.randint(0, num_bins, (n,), generator=g)
-    return x[idx].to(device), c0[idx].to(device), k.to(device)
+    return x[idx].to(device).contiguous(memory_format=torch.channels_last), c0[idx].to(device), k.to(device)
 
 
 def _average_gradients(params: list[nn.Parameter]) -> None:
@@ -211,9 +216,10 @@ def run_training(classifier: nn.Module, x: torch.Tensor, value_range: tuple[floa
     with seeded(seed):
         explainer = Explainer(x.shape[1], x.shape[2], cfg.num_bins, cfg.width, cfg.positive_class, value_range,
                               cfg.levels, cfg.skip)
-        disc = ProjectionDiscriminator(x.shape[1], x.shape[2], cfg.num_bins, cfg.width)
-    explainer.to(device).train()
-    disc.to(device).train()
+        disc = ProjectionDiscriminator(x.shape[1], x.shape[2], cfg.num_bins, cfg.disc_width or cfg.width)
+    # channels_last: the CPU convolutions of E, G and D run ~30% faster; the weights are returned contiguous.
+    explainer.to(device, memory_format=torch.channels_last).train()
+    disc.to(device, memory_format=torch.channels_last).train()
     opt_g = torch.optim.Adam(explainer.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     step, history = 0, []
@@ -239,27 +245,35 @@ def run_training(classifier: nn.Module, x: torch.Tensor, value_range: tuple[floa
                      "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}
             write_bytes_atomic(join(checkpoint_uri, CHECKPOINT_NAME), serialize_checkpoint(state))
 
+    def d_step(xb: torch.Tensor, c0: torch.Tensor, fake: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """One hinge step of D (Eq. 7) on real (xb, c0) and fake (fake, k); returns the loss."""
+        loss = hinge_d_loss(disc(_unit(xb, unit_range), c0), disc(_unit(fake, unit_range), k))
+        opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        if sync:
+            _average_gradients(list(disc.parameters()))
+        opt_d.step()
+        return loss
+
     sums: dict[str, float] = {}
     d_loss, counted = torch.zeros(()), 0
     interval = max(1, min(100, cfg.steps // 10 or 1))
     try:
         while step < cfg.steps:
             g = _step_generator(seed, step, rank, 0)
-            for _ in range(cfg.d_steps if cfg.lambda_cgan > 0 else 0):
+            n_dis = cfg.d_steps if cfg.lambda_cgan > 0 else 0
+            for _ in range(n_dis - 1):  # extra D steps on fakes of their own
                 xb, c0, k = _draw(x, c0_all, per_worker, cfg.num_bins, g, device)
                 with torch.no_grad():
                     fake = explainer(xb, k)
-                d_loss = hinge_d_loss(disc(_unit(xb, unit_range), c0), disc(_unit(fake, unit_range), k))
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                if sync:
-                    _average_gradients(list(disc.parameters()))
-                opt_d.step()
+                d_loss = d_step(xb, c0, fake, k)
             xb, c0, k = _draw(x, c0_all, per_worker, cfg.num_bins, g, device)
             codes = explainer.encode(xb)
             # One decoder pass for both conditions: BN statistics mix the two, as at inference over a series.
             both = explainer.decode([torch.cat([t, t]) for t in codes], torch.cat([k, c0]))
             fake, rec = both[:per_worker], both[per_worker:]
+            if n_dis:  # the last D step sees this G step's fakes (no second generator pass)
+                d_loss = d_step(xb, c0, fake.detach(), k)
             cyc = explainer(fake, c0)
             if cfg.lambda_cgan > 0:
                 for p in disc.parameters():
@@ -301,7 +315,7 @@ def run_training(classifier: nn.Module, x: torch.Tensor, value_range: tuple[floa
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return explainer.cpu().eval(), history
+    return explainer.cpu().to(memory_format=torch.contiguous_format).eval(), history
 
 
 def _ray_worker_loop(payload: dict) -> None:

@@ -201,3 +201,14 @@ def test_checkpoint_holds_optimizer_states_and_config(images, classifier, tmp_pa
     assert ckpt["step"] == 2 and ckpt["config"] == asdict(cfg) and ckpt["seed"] == 0
     assert ckpt["opt_g"]["state"] and ckpt["opt_d"]["state"]
     assert {"explainer", "disc", "history"} <= set(ckpt)
+    assert ckpt["disc"]["phi.0.conv1.bias"].shape == (TINY["width"],)  # disc_width 0: D as wide as E and G
+
+
+def test_disc_width_sizes_only_the_discriminator(images, classifier, tmp_path) -> None:
+    cfg = ExplainerConfig(**{**TINY, "steps": 1, "disc_width": 2})
+    explainer, _ = run_training(classifier, images, (0.0, 1.0), cfg, checkpoint_uri=str(tmp_path))
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["disc"]["phi.0.conv1.bias"].shape == (2,) and explainer.hparams["width"] == TINY["width"]
+    assert explainer.stem.weight.is_contiguous()  # trained channels_last, returned in the default layout
+    with pytest.raises(ValueError, match="explainer.disc_width"):
+        ExplainerConfig(disc_width=-1)
