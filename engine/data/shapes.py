@@ -8,7 +8,11 @@ Label = the object's shape. Attributes (each 0/1):
   marker           a small yellow square in the top-left corner
   left             object centre in the left half (else the right half)
 In the train split, with probability `bias` the confounder attribute equals `label % 2`, otherwise it is a
-fair coin; every other attribute is always a fair coin. Generation is vectorised over images.
+fair coin; every other attribute is always a fair coin. With probability `label_noise` a train image shows a
+shape of another class than its label (the label's visual cue is imperfect, as with annotation noise in real
+data), so a planted confounder carries information of its own and a classifier's reliance on it grows with
+`bias`; without it the shape is a perfect cue and a CNN ignores a marker planted below strength 1.
+Generation is vectorised over images.
 """
 from __future__ import annotations
 
@@ -78,11 +82,13 @@ def render_shapes(y: np.ndarray, attrs: np.ndarray, classes: Sequence[str], size
 
 def load_shapes(split: str = "train", *, n_train: int = 4000, n_test: int = 1000, size: int = 32, seed: int = 0,
                 bias: float = 0.0, confounder: str = "marker", test_bias: Optional[float] = None,
-                classes: Sequence[str] = ("circle", "square"), noise: float = 0.03) -> ArrayDataset:
+                classes: Sequence[str] = ("circle", "square"), noise: float = 0.03,
+                label_noise: float = 0.0) -> ArrayDataset:
     """x [N, 3, size, size] float32 in [0, 1]; y [N] index into `classes`; attributes [N, 6] (ATTRIBUTES).
 
     bias: train-split probability that `confounder` == label % 2. test_bias: the test split's bias (default 0).
     classes: ordered subset of circle, square, triangle, cross. noise: standard deviation of the uniform pixel noise.
+    label_noise: train-split probability that the image shows a shape of another class (drawn uniformly) than y.
     """
     check_split("shapes", split)
     n_train = check_int("shapes", "n_train", n_train, minimum=1)
@@ -90,6 +96,10 @@ def load_shapes(split: str = "train", *, n_train: int = 4000, n_test: int = 1000
     size = check_int("shapes", "size", size, minimum=32)
     seed = check_int("shapes", "seed", seed, minimum=0)
     bias = check_fraction("shapes", "bias", bias)
+    label_noise = check_fraction("shapes", "label_noise", label_noise)
+    if label_noise >= 0.5:
+        raise ValueError(f"shapes: option 'label_noise' must be below 0.5 (the shape must stay the label's "
+                         f"likelier cue), got {label_noise}")
     if test_bias is not None:
         test_bias = check_fraction("shapes", "test_bias", test_bias)
     if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise <= 0.5:
@@ -111,9 +121,14 @@ def load_shapes(split: str = "train", *, n_train: int = 4000, n_test: int = 1000
     attrs = rng.integers(0, 2, (n, len(ATTRIBUTES)))
     c = ATTRIBUTES.index(confounder)
     attrs[:, c] = np.where(rng.random(n) < split_bias, y % 2, attrs[:, c])
-    x = render_shapes(y, attrs, classes, size, float(noise), rng)
+    shown = y
+    if split == "train" and label_noise > 0:  # drawn after the attributes: label_noise 0 keeps the images as before
+        other = (y + rng.integers(1, len(classes), n)) % len(classes)
+        shown = np.where(rng.random(n) < label_noise, other, y)
+    x = render_shapes(shown, attrs, classes, size, float(noise), rng)
     return ArrayDataset(
         name="shapes", x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)), class_names=classes,
         kind="image", attributes=torch.from_numpy(attrs.astype(np.float32)), attribute_names=list(ATTRIBUTES),
         meta={"seed": seed, "bias": split_bias, "train_bias": bias, "confounder": confounder, "size": size,
+              "label_noise": label_noise if split == "train" else 0.0,
               "noise": float(noise)})

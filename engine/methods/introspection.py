@@ -36,6 +36,7 @@ class IntrospectionConfig:
     frozen_attributes: tuple[str, ...] = ()  # attributes A′ keeps at A, e.g. young/old in §4.2
     attribute_range: tuple[float, float] = (0.0, 1.0)  # A′ is projected onto this box (the editor's training range)
     top_k: int = 5                  # extras["top_attributes"]: the k most changed attributes (Fig. 6, 8: top five)
+    residual: bool = False          # I′ = I + G(edit) − G(encode(I)): CDeepEx Eq. 2's residual (not in GCI)
 
     def __post_init__(self) -> None:
         check_field(self.mode in MODES, NAME, "mode", f"one of {list(MODES)}", self.mode)
@@ -66,6 +67,8 @@ class Introspection(Method):
     Attribute mode: (z, A) = encode(I), I(A′) = decode(z, A′) with z fixed; A′ starts at A and lives in
     `attribute_range`; frozen attributes stay at A. Latent mode: L₀ = encode(I), I(L′) = decode(L′)
     (decode(L′, A) for an attribute generator). I(·) is clamped into the classifier's value_range.
+    `residual` (not in the paper) adds CDeepEx Eq. 2's residual: I(·) = I + decode(·) − decode(encode(I)), so
+    a generator that does not reconstruct I edits the query instead of replacing it (see AIP's `residual`).
 
     Loss per query: λ·CE(C(I(A′)), c′) + ‖I − I(A′)‖₁ against the query I itself, so A′ = A still pays the
     generator's reconstruction error. Prototypes (c′ = c, §3.1) replace the CE, which is flat for a confident
@@ -121,12 +124,18 @@ class Introspection(Method):
         else:
             start, bounds = z0.clone(), None
 
+        g0 = None
+        if cfg.residual:  # G at the query's own code: I(A′) = I + G(z, A′) − G(z, A), I at A′ = A
+            with torch.no_grad():
+                g0 = gen.decode(z0, a0 if gen.attribute_names else None).float()
+
         def render(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             if attribute_mode:
                 out = gen.decode(z0[rows], torch.where(frozen, a0[rows], p))
             else:
                 out = gen.decode(p, a0[rows] if gen.attribute_names else None)
-            return clamp_st(out.float(), lo_x, hi_x)
+            out = out.float() if g0 is None else x[rows] + (out.float() - g0[rows])
+            return clamp_st(out, lo_x, hi_x)
 
         # Prototype goal: the gain over the query and over the trivial edit A′ = A; criticisms need no gap.
         need = torch.full((n,), float("-inf"), device=device)

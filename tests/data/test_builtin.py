@@ -235,6 +235,30 @@ def test_shapes_bias_zero_is_uncorrelated():
     assert 0.35 < _corr(mid.attributes[:, ds.attribute_names.index("marker")], mid.y) < 0.65
 
 
+def _shows_square(x: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the object fills its bounding box (square) rather than ~pi/4 of it (circle); noiseless images."""
+    obj = (x - x[:, :, -1:, -1:]).abs().amax(1) > 0.1  # the bottom-right pixel is always background
+    obj[:, :5, :5] = False  # the marker's corner
+    rows, cols = obj.any(2), obj.any(1)
+    area = rows.sum(1) * cols.sum(1)
+    return obj.sum((1, 2)) / area.clamp(min=1) > 0.9
+
+
+def test_shapes_label_noise_shows_the_other_shape():
+    clean = load_dataset("shapes", n_train=2000, noise=0.0, bias=1.0)
+    assert (_shows_square(clean.x) == clean.y.bool()).float().mean() > 0.99
+    noisy = load_dataset("shapes", n_train=2000, noise=0.0, bias=1.0, label_noise=0.1)
+    assert torch.equal(noisy.y, clean.y) and torch.equal(noisy.attributes, clean.attributes)
+    mismatch = (_shows_square(noisy.x) != noisy.y.bool()).float().mean().item()
+    assert 0.08 < mismatch < 0.12, mismatch  # the label's visual cue is wrong on ~10% of images
+    marker = noisy.attributes[:, noisy.attribute_names.index("marker")]
+    assert torch.equal(marker.long(), noisy.y % 2)  # the planted confounder follows the label, not the image
+    assert noisy.meta["label_noise"] == 0.1
+    test = load_dataset("shapes", split="test", n_test=500, noise=0.0, label_noise=0.1)  # train split only
+    assert (_shows_square(test.x) == test.y.bool()).float().mean() > 0.99 and test.meta["label_noise"] == 0.0
+    assert torch.equal(load_dataset("shapes", n_train=50, label_noise=0.0).x, load_dataset("shapes", n_train=50).x)
+
+
 def test_shapes_seeds():
     a, b = load_dataset("shapes", n_train=300, seed=3), load_dataset("shapes", n_train=300, seed=3)
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.attributes, b.attributes)
@@ -258,6 +282,8 @@ def test_shapes_speed():
     ({"classes": ["square", "circle"]}, r"'classes' must keep the order"),
     ({"size": 16}, r"'size' must be >= 32, got 16"),
     ({"n_train": 0}, r"'n_train' must be >= 1"),
+    ({"label_noise": 0.5}, r"'label_noise' must be below 0.5"),
+    ({"label_noise": -0.1}, r"'label_noise' must be in \[0, 1\]"),
 ])
 def test_shapes_validation(options, match):
     with pytest.raises(ValueError, match=match):

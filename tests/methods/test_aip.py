@@ -189,6 +189,22 @@ def test_a_fair_classifier_does_not_point_at_the_marker(fair_cnn, shapes_attribu
     assert scale.argmax() != marker and scale[marker] < 0.5 * scale.max()
 
 
+def test_residual_edits_the_query_instead_of_replacing_it(half_cnn, shapes_attribute_autoencoder, shapes_test):
+    """`residual`: x_cf = x + G(z, a) − G(z0, a0) (CDeepEx Eq. 2), so no step gives back x itself."""
+    gen, x = shapes_attribute_autoencoder, shapes_test.x[:12]
+    q = flipped(half_cnn, x)
+    bundle = ModelBundle(classifier=half_cnn, generator=gen)
+    still = make_method("aip", {"n_max": 0, "residual": True}).explain(q, bundle)
+    torch.testing.assert_close(still.x_cf, x)  # G(z0, a0) alone is read as a class of its own; x is not
+    plain = make_method("aip", {"n_max": 0}).explain(q, bundle)
+    assert (plain.x_cf - x).abs().amax() > 0.1
+    out = make_method("aip", {"n_max": 100, "residual": True}).explain(q, bundle)
+    with torch.no_grad():
+        edit = gen.decode(out.z_cf, out.a_cf) - gen.decode(out.z0, out.a0)
+    torch.testing.assert_close(out.x_cf, (x + edit).clamp(0, 1), rtol=0, atol=1e-5)
+    assert out.success.any() and (half_cnn.predict(out.x_cf)[out.success] == q.target[out.success]).all()
+
+
 def test_batch_of_n_equals_n_single_calls_and_runs_repeat(confounded_cnn, shapes_attribute_autoencoder,
                                                           shapes_test) -> None:
     bundle = ModelBundle(classifier=confounded_cnn, generator=shapes_attribute_autoencoder)

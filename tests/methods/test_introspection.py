@@ -147,6 +147,17 @@ def test_output_is_the_edit_of_the_query(criticisms, attr_bundle) -> None:
     assert (out.n_iter > 0).all() and (out.n_iter <= FAST["n_rounds"] * FAST["steps"]).all()
 
 
+def test_residual_output_is_the_query_plus_the_edit(half_cnn, shapes_attribute_autoencoder, shapes_test) -> None:
+    bundle = ModelBundle(classifier=half_cnn, generator=shapes_attribute_autoencoder)
+    q = flips(half_cnn, shapes_test, 12)
+    out = make_method("introspection", {**FAST, "residual": True}).explain(q, bundle)
+    with torch.no_grad():
+        z, a = shapes_attribute_autoencoder.encode(q.x)
+        edit = shapes_attribute_autoencoder.decode(z, out.a_cf) - shapes_attribute_autoencoder.decode(z, a)
+    torch.testing.assert_close(out.x_cf, (q.x + edit).clamp(0, 1), rtol=0, atol=1e-5)
+    assert out.success.any() and (half_cnn.predict(out.x_cf)[out.success] == q.target[out.success]).all()
+
+
 def test_frozen_attributes_never_change(attr_bundle, shapes_test, shapes_attribute_autoencoder) -> None:
     names = shapes_attribute_autoencoder.attribute_names
     q = flips(attr_bundle.classifier, shapes_test, 8, offset=16)

@@ -8,29 +8,18 @@ import torch
 import yaml
 
 from engine.cli import demo_spec_path
-from engine.data import load_dataset
 from engine.explain import explain_unit
 from engine.methods import make_method
 from engine.metrics.per_query import MetricOptions
 from engine.models.handles import ModelBundle
-from engine.models.loading import classifier_handle_from_module
 from engine.report.bias import REPORTS, confounding_table, read_report, write_reports
 from engine.report.summary import audit_states, write_summary
 from engine.spec.audit import AuditSpec
 from engine.store.results import shard_uri, write_shard
 from engine.store.uri import join, write_bytes_atomic
-from tests.fixtures.zoo import SHAPES, _train
 
 METHOD = "gradual_construction"
 N = 12
-
-
-@pytest.fixture(scope="module")
-def half_cnn():
-    """CNN trained with the marker planted at strength 0.5."""
-    data = load_dataset("shapes", "train", bias=0.5, **SHAPES)
-    module = _train("classifier", "cnn", data, {"epochs": 4, "batch_size": 32})
-    return classifier_handle_from_module(module, "cnn-half", data.input_shape, data.class_names, data.value_range)
 
 
 @pytest.fixture(scope="module")
