@@ -88,6 +88,11 @@ class AIP(Method):
         started = state.active.clone()
         k = z0.shape[1]
 
+        g0 = None
+        if cfg.residual:
+            with torch.no_grad():
+                g0 = gen.decode(z0, a0).float()
+
         def decode(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             x_new = gen.decode(w[:, :k], w[:, k:]).float()
             if tuple(x_new.shape[1:]) != tuple(x.shape[1:]):
@@ -96,11 +101,6 @@ class AIP(Method):
             if g0 is not None:
                 x_new = x[rows] + (x_new - g0[rows])
             return clamp_st(x_new, lo, hi)
-
-        g0 = None
-        if cfg.residual:
-            with torch.no_grad():
-                g0 = gen.decode(z0, a0).float()
 
         def objective(w: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = handle.logits(decode(w, rows)).float()

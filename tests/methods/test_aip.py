@@ -203,6 +203,10 @@ def test_residual_edits_the_query_instead_of_replacing_it(half_cnn, shapes_attri
         edit = gen.decode(out.z_cf, out.a_cf) - gen.decode(out.z0, out.a0)
     torch.testing.assert_close(out.x_cf, (x + edit).clamp(0, 1), rtol=0, atol=1e-5)
     assert out.success.any() and (half_cnn.predict(out.x_cf)[out.success] == q.target[out.success]).all()
+    for i in (0, 5, 11):  # per-query residuals: a batch of N equals N single calls
+        single = make_method("aip", {"n_max": 100, "residual": True}).explain(q.select(slice(i, i + 1)), bundle)
+        assert single.status == out.status[i:i + 1]
+        torch.testing.assert_close(single.x_cf[0], out.x_cf[i], rtol=0, atol=1e-4)
 
 
 def test_batch_of_n_equals_n_single_calls_and_runs_repeat(confounded_cnn, shapes_attribute_autoencoder,
