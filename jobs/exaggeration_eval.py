@@ -8,7 +8,7 @@ attribute oracle, and one explainer per classifier on the unbiased train split; 
 queries (target: the other class) and prints for each classifier:
   spearman    Spearman correlation between desired f(x) + δ and achieved f(x_δ), pooled over queries x steps
               (Fig. 3; spearman_per_query: the mean over queries of each series' own correlation)
-  rec_l1      mean |x − I_f(x, 0)| per pixel (δ = 0 reconstruction) against REC_THRESHOLD: the L1 of the
+  rec_l1      mean |x − I_f(x, 0)| per pixel (δ = 0 reconstruction) against marker_edit_l1(): the L1 of the
               smallest semantic edit in the data, toggling the 3x3 `marker` on otherwise identical renderings;
               beside it the data's per-pixel noise and the mean L1 from each query to its nearest other test
               image; rec_oracle_agreement: the fraction of reconstructions on which the oracle reads all six

@@ -11,6 +11,7 @@ import torch
 
 from engine.methods import losses
 from engine.methods.base import Method, register
+from engine.methods.latent_search import with_residual
 from engine.methods.search import (SearchState, active_gradient, all_finite, begin, check_field, clamp_st, finish,
                                    rows_view, settle)
 from engine.models.handles import GeneratorHandle, ModelBundle
@@ -99,7 +100,7 @@ class AIP(Method):
                 raise ValueError(f"{NAME}: generator {gen.model_id!r} decodes to shape {list(x_new.shape[1:])}, "
                                  f"classifier {handle.model_id!r} expects {list(x.shape[1:])}")
             if g0 is not None:
-                x_new = x[rows] + (x_new - g0[rows])
+                x_new = with_residual(x[rows], x_new, g0[rows])
             return clamp_st(x_new, lo, hi)
 
         def objective(w: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

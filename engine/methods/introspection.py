@@ -12,6 +12,7 @@ import torch
 from engine.methods import losses
 from engine.methods.base import Method, register
 from engine.methods.bisection import LambdaBisection
+from engine.methods.latent_search import with_residual
 from engine.methods.search import AdamState, all_finite, begin, check_field, clamp_st, descend, finish
 from engine.models.handles import GeneratorHandle, ModelBundle
 from engine.types import CFBatch, QueryBatch
@@ -134,7 +135,7 @@ class Introspection(Method):
                 out = gen.decode(z0[rows], torch.where(frozen, a0[rows], p))
             else:
                 out = gen.decode(p, a0[rows] if gen.attribute_names else None)
-            out = out.float() if g0 is None else x[rows] + (out.float() - g0[rows])
+            out = out.float() if g0 is None else with_residual(x[rows], out.float(), g0[rows])
             return clamp_st(out, lo_x, hi_x)
 
         # Prototype goal: the gain over the query and over the trivial edit A′ = A; criticisms need no gap.

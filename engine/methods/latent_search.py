@@ -23,7 +23,12 @@ from engine.methods.search import (AdamState, SearchState, all_finite, clamp_st,
 from engine.models.handles import ClassifierHandle, GeneratorHandle
 from engine.types import STATUS_ALREADY, STATUS_BUDGET, STATUS_NAN, STATUS_OK, CFBatch, QueryBatch
 
-Z0_SALT = "latent_search.z0"  # shared by CDeepEx and xGEM: both start a GAN inversion from the same draw
+Z0_SALT = "latent_search.z0"
+
+
+def with_residual(x: torch.Tensor, g: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
+    """x + (G(z) − G(z0)) = G(z) + Δ with Δ = x − G(z0) (CDeepEx Eq. 2): gives back x exactly at z = z0."""
+    return x + (g - g0)  # shared by CDeepEx and xGEM: both start a GAN inversion from the same draw
 
 
 @dataclass
@@ -52,7 +57,7 @@ class Latent:
 
     def counterfactual(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """I_{z,z0} = G(z) + Δ for the rows `rows`, clamped into the value range (straight-through)."""
-        return clamp_st(self.x[rows] + (self.decode(z, rows) - self.g0[rows]), *self.bounds)
+        return clamp_st(with_residual(self.x[rows], self.decode(z, rows), self.g0[rows]), *self.bounds)
 
 
 def find_z0(method: str, batch: QueryBatch, state: SearchState, generator: GeneratorHandle,
