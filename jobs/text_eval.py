@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if "aip" in figures:
         f = figures["aip"]
         print(f"AIP: {f['queries']} queries, flip ratio {f['flip_ratio']:.3f}, LPR (k = {f['latent_size']}) "
-              f"{f['lpr_z']:.3f}, results column lpr (z ⊕ a) {f['lpr_column']:.3f}, {f['cpu_seconds']:.0f} CPU s")
+              f"{f['lpr_z']:.3f}, results column lpr (z ⊕ a) {f['lpr_column']:.3f}, {f['cpu_seconds']:.0f} CPU s; "
+              f"query words kept at their position: reconstruction G(E(x)) {f['reconstruction']:.3f}, "
+              f"counterfactuals {f['kept']:.3f}")
     for key in ("gc_examples", "gc_eq12_examples", "aip_examples"):
         for e in figures.get(key, []):
             print(f"[{key[:-9]}] {'valid' if e['success'] else 'not valid'} -> class {e['target']}\n"

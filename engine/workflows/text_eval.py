@@ -9,6 +9,9 @@ work unit (engine.explain.explain_unit, no Ray) and returns:
                     the substitution candidates), for Eq. 7 and for Eq. 12 (`loss: target_probability`)
   aip               flip ratio (AIP Eq. 7) and LPR (Eq. 8) with k = latent size: ‖E_z(x_cf) − E_z(x)‖₀ / k over
                     the encoder's z (tolerance `metrics.lpr_tolerance`), and the results column `lpr` (z ⊕ a)
+                    and two measures of how much of the query survives: `reconstruction` (greedy decoding of E(x)
+                    gives the query's word at its position, over the queries' words) and `kept` (the same share
+                    for the valid counterfactuals themselves)
   examples          a few (query, counterfactual) sentence pairs per method
 """
 from __future__ import annotations
@@ -82,6 +85,21 @@ def _latent_lpr(bundle: ModelBundle, data, frame: pl.DataFrame, tolerance: float
     return float(((z1 - z0).abs() > tolerance).float().mean(1).mean())
 
 
+def positional_match(queries: list[list[str]], others: list[list[str]]) -> float:
+    """Share of the queries' words that the other sentence has at the same position (0 when there are none)."""
+    total = sum(len(q) for q in queries)
+    same = sum(sum(a == b for a, b in zip(q, o)) for q, o in zip(queries, others))
+    return same / total if total else 0.0
+
+
+def _reconstruction(bundle: ModelBundle, data, ids: torch.Tensor) -> float:
+    """positional_match of the queries and the generator's greedy decoding of their codes, G(E(x))."""
+    x = data.x[ids].to(bundle.device)
+    with torch.no_grad():
+        decoded = bundle.generator.decode(*bundle.generator.encode(x))
+    return positional_match(data.schema.tokens(x), data.schema.tokens(decoded))
+
+
 def text_figures(spec: AuditSpec, gc_queries: Optional[int] = None, aip_queries: Optional[int] = None,
                  examples: int = 5, log: Callable[[str], None] = print) -> dict[str, Any]:
     if spec.dataset.name != "text":
@@ -115,7 +133,10 @@ def text_figures(spec: AuditSpec, gc_queries: Optional[int] = None, aip_queries:
         out["aip"] = {"queries": frame.height, "flip_ratio": valid.height / max(frame.height, 1),
                       "lpr_z": _latent_lpr(bundle, test, frame, spec.metrics.lpr_tolerance),
                       "lpr_column": float(valid["lpr"].mean()) if valid.height else float("nan"),
-                      "latent_size": int(generator.latent_dim), "cpu_seconds": cpu}
+                      "latent_size": int(generator.latent_dim), "cpu_seconds": cpu,
+                      "reconstruction": _reconstruction(bundle, test, ids),
+                      "kept": positional_match([t.split() for t in valid["text"].to_list()],
+                                               [t.split() for t in valid["text_cf"].to_list()])}
         out["aip_examples"] = _examples(frame, examples)
         log(f"  aip: {out['aip']}")
     return out
