@@ -162,6 +162,8 @@ def output_targets(vocab_vectors: torch.Tensor, out_vocab: int) -> torch.Tensor:
 def _length_batches(lengths: torch.Tensor, batch_size: int):
     """Batches of sentences of similar length (sorted with random tie-breaking, then the batches shuffled), so
     a batch runs the recurrent layers only over its longest sentence."""
+    if batch_size < 1:
+        raise ValueError(f"Expected batch_size >= 1 but got {batch_size}")
     order = torch.argsort(lengths.float() + torch.rand(len(lengths)) * 0.5)
     batches = list(torch.split(order, batch_size))
     for i in torch.randperm(len(batches)).tolist():
@@ -181,7 +183,7 @@ def train_text_vae(module: TextVAE, dataset: ArrayDataset, *, epochs: int = 30, 
     similar length and run only up to their longest. Defaults are the measured configuration (README, Text);
     a `disc_weight` of 20 makes the code decide the classifier's verdict but lets the decoder fool D with repeated
     sentiment words ("excellent excellent ..."), so the default stays 1."""
-    from engine.models.training import _attributes, _batches, _finish, seeded, train_classifier
+    from engine.models.training import _attributes, _finish, seeded, train_classifier
 
     if getattr(dataset, "kind", None) != "text" or getattr(dataset, "schema", None) is None:
         raise ValueError(f"TextVAE trains on a `text` dataset (word vectors and vocabulary); {dataset.name!r} is "

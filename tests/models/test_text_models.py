@@ -49,6 +49,8 @@ def test_length_batches_cover_every_sentence_once_and_group_similar_lengths():
     assert sorted(torch.cat(batches).tolist()) == list(range(1000))
     spans = [int(lengths[b].max() - lengths[b].min()) for b in batches]
     assert max(spans) <= 3  # sorted by length: a batch spans a few lengths, not the whole range
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        next(_length_batches(lengths, 0))
 
 
 @pytest.mark.parametrize("encoder,tied", [("gru", False), ("conv", True)])
