@@ -90,8 +90,7 @@ class TextVAE(nn.Module):
             h = x.transpose(1, 2)
             feats = torch.cat([F.relu(conv(h)).amax(-1) for conv in self.enc_convs], 1)
         else:  # the final states of both directions over the words (positions up to the first <pad>)
-            words = (x.abs().sum(-1) > 0).long()
-            lengths = words.cumprod(1).sum(1).clamp_min(1).cpu()
+            lengths = sentence_lengths(x).clamp_min(1).cpu()
             packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
             _, last = self.enc_gru(packed)
             feats = torch.cat([last[0], last[1]], 1)
@@ -159,6 +158,11 @@ def output_targets(vocab_vectors: torch.Tensor, out_vocab: int) -> torch.Tensor:
     return target
 
 
+def sentence_lengths(x: torch.Tensor) -> torch.Tensor:
+    """x [B, L, E] -> [B] int64: the words before the first `<pad>` (zero vector)."""
+    return (x.abs().sum(-1) > 0).long().cumprod(1).sum(1)
+
+
 def _length_batches(lengths: torch.Tensor, batch_size: int):
     """Batches of sentences of similar length (sorted with random tie-breaking, then the batches shuffled), so
     a batch runs the recurrent layers only over its longest sentence."""
@@ -194,7 +198,7 @@ def train_text_vae(module: TextVAE, dataset: ArrayDataset, *, epochs: int = 30, 
     x_all = dataset.x.float()
     ids_all = vocab.codec("cpu").ids(x_all)
     targets = output_targets(vocab.vectors, module.hparams["out_vocab"])[ids_all]  # [N, L]
-    lengths = (ids_all != 0).long().cumprod(1).sum(1)
+    lengths = sentence_lengths(x_all)
     if oracle is None and disc_weight > 0:
         with seeded(seed + 1):
             oracle = TextCNN(vocab.dim, dataset.num_classes)
@@ -219,7 +223,7 @@ def train_text_vae(module: TextVAE, dataset: ArrayDataset, *, epochs: int = 30, 
                     inputs = torch.cat([module.bos.expand(len(x), 1, -1), (x * keep)[:, :-1]], 1)
                     logits = module.teacher_forced(torch.cat([z, a], 1), inputs)
                     # positions up to and including the first <pad> (the end of the sentence) are predicted
-                    live = torch.cat([torch.ones_like(tgt[:, :1]), (tgt[:, :-1] != 0).long()], 1).cumprod(1).bool()
+                    live = torch.arange(tgt.shape[1])[None] <= lengths[idx][:, None]
                     rec = F.cross_entropy(logits[live], tgt[live], reduction="sum") / len(idx)
                     kl_dims = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).mean(0)  # [k], batch mean
                     kl = kl_dims.clamp_min(free_bits).sum()
