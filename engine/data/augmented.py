@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -10,13 +11,12 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 from engine.data.base import ArrayDataset
-from engine.store.uri import filesystem, is_local, join
+from engine.store.commit import list_files
+from engine.store.uri import filesystem, join
 
 
 def augmented_files(out: str) -> list[str]:
-    fs, path = filesystem(join(out, "augmented"))
-    found = sorted(fs.glob(path.rstrip("/") + "/model=*/method=*/part-*.parquet"))
-    return [p if is_local(fs) else fs.unstrip_protocol(p) for p in found]
+    return list(list_files(join(out, "augmented"), re.compile(r"model=[^/]+/method=[^/]+/part-[^/]*\.parquet$")))
 
 
 def load_augmented(out: str, models: Optional[Sequence[str]] = None,

@@ -24,13 +24,17 @@ def latent_closeness(e_x: torch.Tensor, e_cf: torch.Tensor, group: torch.Tensor 
     """PE Eq. 10 per query: is E(x_δ) nearer to E(x) than to every other query's explanation E(m)?
 
     e_x, e_cf: [B, k]; group: [B] ids (e.g. the target), explanations are compared within a group only,
-    as the paper compares explanations generated with the same δ. Returns [B] bool; a query with no other
-    explanation in its group counts as closest (nothing is nearer).
+    as the paper compares explanations generated with the same δ. Returns [B] float64: 1 closest, 0 not,
+    NaN where Eq. 10 compares nothing: no other finite explanation in the group, or a non-finite encoding.
     """
     e_x, e_cf = e_x.flatten(1).double(), e_cf.flatten(1).double()
+    if e_x.shape[0] == 0:  # no explanation at all: the min below would be over an empty set
+        return e_x.new_empty(0)
     own = (e_x - e_cf).norm(dim=1)
-    others = torch.cdist(e_cf, e_cf)                       # [B, B] ||E(x_δ,b) - E(m_j)||
-    others.fill_diagonal_(float("inf"))
+    inf = float("inf")
+    others = torch.cdist(e_cf, e_cf).nan_to_num(nan=inf, posinf=inf)  # [B, B] ||E(x_δ,b) - E(m_j)||
+    others.fill_diagonal_(inf)
     if group is not None:
-        others = others.masked_fill(group.view(-1, 1) != group.view(1, -1), float("inf"))
-    return own < others.min(dim=1).values
+        others = others.masked_fill(group.view(-1, 1) != group.view(1, -1), inf)
+    nearest = others.min(dim=1).values
+    return (own < nearest).double().masked_fill(~own.isfinite() | nearest.isinf(), float("nan"))

@@ -7,6 +7,7 @@ the feature vectors that Fréchet distances are computed from.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -38,17 +39,23 @@ class MetricOptions:
                    confounders=tuple(confounders), extractor=extractor)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the metric columns are float32 (engine.store.results)
+
+
 def _nullable(values: torch.Tensor, keep: torch.Tensor) -> list:
-    """A float column with None where `keep` is False or the value is not finite."""
+    """A float column with None where `keep` is False or the value is not finite as a float32."""
     out = values.detach().double().cpu().numpy()
-    ok = keep.cpu().numpy() & np.isfinite(out)
+    ok = keep.cpu().numpy() & (np.abs(out) <= FLOAT32_MAX)
     return [float(v) if k else None for v, k in zip(out, ok)]
 
 
 @torch.no_grad()
 def per_query_columns(batch: QueryBatch, cf: CFBatch, bundle: ModelBundle, options: MetricOptions,
                       oracle_changed: Optional[list[list[str]]] = None) -> dict[str, Any]:
-    """Result columns (lists/arrays of length B) for the metrics that apply to this unit."""
+    """Result columns (lists/arrays of length B) for the metrics that apply to this unit.
+
+    Total over any unit (no valid counterfactual, one, a single query, non-finite x_cf or latents): a row
+    where a metric has no meaning (no valid counterfactual, nothing to compare with) gets None."""
     n = len(batch)
     valid = cf.success.to(batch.x.device).bool()
     x_cf = torch.nan_to_num(cf.x_cf.to(batch.x.device))
@@ -61,11 +68,9 @@ def per_query_columns(batch: QueryBatch, cf: CFBatch, bundle: ModelBundle, optio
         every = torch.ones(n, dtype=torch.bool, device=valid.device)
         out["latent_l2"] = _nullable(change["z_l2"], every)
         out["lpr"] = _nullable(change["lpr"], every)
-        closest = latent_closeness(z0[valid], z_cf[valid], batch.target[valid])
-        flags: list = [None] * n
-        for i, flag in zip(valid.nonzero().flatten().tolist(), closest.tolist()):
-            flags[i] = bool(flag)
-        out["latent_closest"] = flags
+        closest = torch.full((n,), float("nan"), dtype=torch.float64, device=valid.device)
+        closest[valid] = latent_closeness(z0[valid], z_cf[valid], batch.target[valid]).to(valid.device)
+        out["latent_closest"] = [None if math.isnan(c) else bool(c) for c in closest.tolist()]
     if n > 1:
         robustness, neighbours = coherence(batch.x, x_cf, batch.target, options.coherence_norm,
                                            options.coherence_eps, valid)
@@ -78,11 +83,11 @@ def per_query_columns(batch: QueryBatch, cf: CFBatch, bundle: ModelBundle, optio
     if desired is not None and achieved is not None:
         desired, achieved = desired.float().cpu(), achieved.float().cpu()
         compat = compatibility_rows(desired, achieved)
-        out["desired"] = [list(map(float, row)) for row in desired.numpy()]
-        out["achieved"] = [list(map(float, row)) for row in achieved.numpy()]
-        every = torch.ones(n, dtype=torch.bool)
-        out["compat_spearman"] = _nullable(compat["spearman"], every)
-        out["compat_mae"] = _nullable(compat["mae"], every)
+        keep = desired.isfinite().all(-1) & achieved.isfinite().all(-1)  # a non-finite step ranks nothing
+        out["desired"] = [list(map(float, row)) if k else None for row, k in zip(desired.numpy(), keep.tolist())]
+        out["achieved"] = [list(map(float, row)) if k else None for row, k in zip(achieved.numpy(), keep.tolist())]
+        out["compat_spearman"] = _nullable(compat["spearman"], keep)
+        out["compat_mae"] = _nullable(compat["mae"], keep)
     if options.deletion_steps > 0 and batch.x.dim() == 4:
         relevance = cf.explanation if cf.explanation is not None else (x_cf - batch.x)
         pred = cf.p_orig.to(batch.x.device).argmax(-1)  # the method already ran f on x
@@ -98,6 +103,6 @@ def per_query_columns(batch: QueryBatch, cf: CFBatch, bundle: ModelBundle, optio
         if index.numel():
             values = options.extractor(x_cf[index]).float().cpu().numpy()
             for i, row in zip(index.tolist(), values):
-                features[i] = row
+                features[i] = row if np.isfinite(row).all() else None  # one NaN would poison the group's FID
         out["fid_features"] = features
     return out

@@ -1,4 +1,4 @@
-"""Resolve the fleet entries of a spec into classifier handles (train-or-cache, or safe load)."""
+"""Resolve the fleet entries of a spec into classifier handles (train-or-cache, or a user's file)."""
 from __future__ import annotations
 
 import time
@@ -20,7 +20,7 @@ def training_data(entry: FleetModel, dataset: DatasetRef) -> ArrayDataset:
 
 def resolve_classifier(entry: FleetModel, dataset: DatasetRef, cache_dir: Optional[str] = None,
                        device: str | torch.device = "cpu", log=print) -> ClassifierHandle:
-    """Train (or load from the content-addressed cache) a built-in model, or safely load a user's file."""
+    """Train (or load from the content-addressed cache) a built-in model, or load a user's file (see loading.py)."""
     from engine.models.loading import classifier_handle_from_module, eval_mode, load_module
     from engine.models.zoo import get_or_train
 
@@ -38,7 +38,7 @@ def resolve_classifier(entry: FleetModel, dataset: DatasetRef, cache_dir: Option
         input_shape, class_names, value_range = data.input_shape, data.class_names, data.value_range
     else:
         module = load_module(entry.path, format=entry.format, factory=entry.factory,
-                             factory_kwargs=entry.factory_kwargs, allow_pickle=entry.allow_pickle)
+                             factory_kwargs=entry.factory_kwargs, trust=entry.trust, model_id=entry.id)
         data = load_dataset(dataset.name, "test", **dataset.options)
         input_shape, class_names, value_range = data.input_shape, data.class_names, data.value_range
         meta = {"source": "file", "path": entry.path}
@@ -73,7 +73,7 @@ def _load_file(entry, what: str, log) -> nn.Module:
     from engine.models.loading import load_module
 
     module = load_module(entry.path, format=entry.format, factory=entry.factory,
-                         factory_kwargs=entry.factory_kwargs, allow_pickle=entry.allow_pickle)
+                         factory_kwargs=entry.factory_kwargs, trust=entry.trust, model_id=what)
     log(f"  {what}: loaded {entry.path}")
     return module
 
@@ -89,7 +89,7 @@ def _freeze(module: nn.Module, device: str | torch.device) -> nn.Module:
 
 def resolve_generator(entry: GeneratorEntry, dataset: DatasetRef, cache_dir: Optional[str] = None,
                       device: str | torch.device = "cpu", log=print) -> GeneratorHandle:
-    """The spec's generative model as a GeneratorHandle (built-in: trained or cached; else a safe load)."""
+    """The spec's generative model as a GeneratorHandle (built-in: trained or cached; else a user's file)."""
     if entry.train is not None:
         arch = entry.train.arch or GENERATOR_ARCH[entry.kind]
         module, data, meta = _train_aux(entry.kind, arch, entry.train, dataset, cache_dir, log)

@@ -1,14 +1,18 @@
-"""Safe loading of users' models, and the classifier handle check.
+"""Loading of users' models, and the classifier handle check.
 
-Accepted forms, safest first:
-- TorchScript (`torch.jit.save`): loaded with `torch.jit.load`; no Python code from the file is executed.
-- a torch.export program (`torch.export.save`, a `.pt2` archive; TorchScript's successor, which torch 2.14
-  deprecates): loaded with `torch.export.load(...).module()`. Its graph was captured in the mode it was
-  exported in, so `.eval()` is not called on it (torch does not support it).
+Accepted forms. Only the first runs no code from the file; the others need `trust=True` (`trust: true` on the
+spec entry), checked from the file's zip listing before anything in it is deserialised:
 - a state dict (`torch.save(model.state_dict())`, or a checkpoint dict holding one under `state_dict` /
   `model_state_dict` / `model`) plus a factory `"package.module:callable"` that builds the module; read with
-  `torch.load(weights_only=True)`.
-- a full pickled module (`torch.save(model)`): arbitrary code runs on load, so only with `allow_pickle=True`.
+  `torch.load(weights_only=True)`. The factory imports and runs the user's own Python code: naming it in a
+  spec trusts that code by construction.
+- TorchScript (`torch.jit.save`), loaded with `torch.jit.load`: can execute code from the file (torch's docs
+  say so).
+- a torch.export program (`torch.export.save`, a `.pt2` archive; TorchScript's successor, which torch 2.14
+  deprecates), loaded with `torch.export.load(...).module()`: it unpickles entries of the archive flagged
+  `use_pickle` (weights, constants), so a crafted file runs code. Its graph was captured in the mode it was
+  exported in, so `.eval()` is not called on it (torch does not support it).
+- a full pickled module (`torch.save(model)`), loaded with `torch.load(weights_only=False)`: runs code.
 Paths are local paths or fsspec URIs (`s3://...`, `memory://...`).
 """
 from __future__ import annotations
@@ -30,6 +34,9 @@ from engine.models.handles import ClassifierHandle
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "torchscript", "export", "state_dict", "pickle")
+# Formats whose loading can execute code from the file, as named in messages.
+CODE_FORMATS = {"torchscript": "a TorchScript archive", "export": "a torch.export (.pt2) archive",
+                "pickle": "a pickle of Python objects (e.g. a whole module saved with torch.save(model))"}
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 PathLike = Union[str, os.PathLike]
 
@@ -95,12 +102,25 @@ def resolve_factory(factory: Union[str, Callable[..., nn.Module]]) -> Callable[.
     return obj
 
 
-def _pickle_refusal(path: PathLike) -> ValueError:
-    return ValueError(
-        f"{os.fspath(path)} is neither TorchScript nor a weights-only state dict: it holds pickled Python "
-        f"objects (e.g. a whole module saved with torch.save(model)), and unpickling runs arbitrary code. "
-        f"Pass `allow_pickle: true` in the model spec if you trust the file, or re-save it as TorchScript "
-        f"(torch.jit.save(torch.jit.script(model), path)) or as a state dict (torch.save(model.state_dict(), "
+def _resolve_trust(trust: Optional[bool], allow_pickle: Optional[bool]) -> bool:
+    """`trust`, or its deprecated alias `allow_pickle`; both given and different is an error."""
+    if trust is not None and allow_pickle is not None and bool(trust) != bool(allow_pickle):
+        raise ValueError(f"`trust` ({trust}) and its deprecated alias `allow_pickle` ({allow_pickle}) disagree; "
+                         f"give only `trust`")
+    return bool(trust if trust is not None else allow_pickle)
+
+
+def _check_trust(path: PathLike, model_id: Optional[str], kind: str, requested: bool, trust: bool) -> None:
+    """Refuse a form that can execute code from the file unless trusted; warn when trusted."""
+    if trust:
+        log.warning("Loading %s as %s with trust: code from the file may run", os.fspath(path), CODE_FORMATS[kind])
+        return
+    who = f"model {model_id!r}: " if model_id else ""
+    how = f"is to be loaded as {CODE_FORMATS[kind]} (format: {kind})" if requested else \
+        f"is {CODE_FORMATS[kind]}"
+    raise ValueError(
+        f"{who}{os.fspath(path)} {how}, and loading it can execute code from the file. Set `trust: true` on "
+        f"this model entry if you trust the file, or re-save it as a state dict (torch.save(model.state_dict(), "
         f"path)) with a factory.")
 
 
@@ -135,40 +155,51 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: PathLike
 
 
 def load_module(path: PathLike, *, format: str = "auto", factory: Union[str, Callable, None] = None,
-                factory_kwargs: Optional[dict] = None, allow_pickle: bool = False) -> nn.Module:
+                factory_kwargs: Optional[dict] = None, trust: Optional[bool] = None,
+                allow_pickle: Optional[bool] = None, model_id: Optional[str] = None) -> nn.Module:
     """Load a user's model from `path` (see the module docstring for the forms); returned in eval mode on CPU.
 
     format: "auto" (by content: TorchScript or torch.export archive, else a weights-only torch.save file,
-    which must hold a state dict and needs `factory`, else a pickled module if `allow_pickle`), or one of
-    "torchscript", "export", "state_dict", "pickle" to insist on a form.
+    which must hold a state dict and needs `factory`, else a pickled module), or one of "torchscript",
+    "export", "state_dict", "pickle" to insist on a form.
+    trust: allow the forms that can execute code from the file (TorchScript, torch.export, pickle); without it
+    they are refused before anything is deserialised. `allow_pickle` is its deprecated alias.
+    factory: imported and called, so it is code the spec's author trusts by construction.
+    model_id: named in error messages.
     """
     if format not in FORMATS:
         raise ValueError(f"Expected `format` to be one of {list(FORMATS)} but got {format!r}")
+    trust = _resolve_trust(trust, allow_pickle)
     data = _read_bytes(path)
     kind = archive_kind(data)
-    if format == "torchscript" or (format == "auto" and kind == "torchscript"):
+    code_kind = format if format in CODE_FORMATS else (kind if format == "auto" and kind in CODE_FORMATS else None)
+    if code_kind is not None:
+        _check_trust(path, model_id, code_kind, format != "auto", trust)
+    if code_kind == "torchscript":
         try:
             with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; users' files still load
                 warnings.simplefilter("ignore", FutureWarning)
                 return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
         except Exception as err:  # noqa: BLE001 - torch raises several types for bad archives
             raise ValueError(f"{os.fspath(path)} is not a loadable TorchScript archive: {err}") from None
-    if format == "export" or (format == "auto" and kind == "export"):
+    if code_kind == "export":
         try:
             return torch.export.load(io.BytesIO(data)).module()
         except Exception as err:  # noqa: BLE001
             raise ValueError(f"{os.fspath(path)} is not a loadable torch.export (.pt2) archive: {err}") from None
-    if format == "pickle":
-        return _load_pickled(data, path, allow_pickle)
+    if code_kind == "pickle":
+        return _load_pickled(data, path)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # A torch.save zip, or a pickle stream (PROTO opcode 0x80: legacy torch.save), that the weights-only
         # unpickler rejects holds globals it does not allow: pickled objects such as a full module.
         if kind == "torch_save" or data[:1] == b"\x80":
-            if format == "auto" and allow_pickle:
-                return _load_pickled(data, path, allow_pickle)
-            raise _pickle_refusal(path) from None
+            if format == "state_dict":
+                raise ValueError(f"{os.fspath(path)} is not a weights-only state dict (format: state_dict): "
+                                 f"it is {CODE_FORMATS['pickle']}") from None
+            _check_trust(path, model_id, "pickle", False, trust)
+            return _load_pickled(data, path)
         raise _not_a_model(path, err) from None
     except Exception as err:  # noqa: BLE001 - torch raises KeyError, RuntimeError, ... for foreign files
         raise _not_a_model(path, err) from None
@@ -188,11 +219,8 @@ def load_module(path: PathLike, *, format: str = "auto", factory: Union[str, Cal
     return _load_into(module, state, path, factory).eval()
 
 
-def _load_pickled(data: bytes, path: PathLike, allow_pickle: bool) -> nn.Module:
-    if not allow_pickle:
-        raise _pickle_refusal(path)
-    log.warning("Unpickling %s with weights_only=False: this runs code from the file; load only files you "
-                "trust", os.fspath(path))
+def _load_pickled(data: bytes, path: PathLike) -> nn.Module:
+    """Unpickle a trusted file (weights_only=False runs code from it)."""
     obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     if not isinstance(obj, nn.Module):
         raise ValueError(f"{os.fspath(path)} unpickled to a {type(obj).__name__}, not a torch.nn.Module")

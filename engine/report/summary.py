@@ -14,6 +14,7 @@ import io
 from typing import Optional
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.metrics.aggregate import BOOTSTRAP_SAMPLES, CONFIDENCE, GroupState, collapse, group_states, merge_states
@@ -27,15 +28,6 @@ SUMMARY_COLUMNS = ["model_id", "method", "queries", "validity", "mean_l0", "mean
 TENSOR_COLUMNS = {"x_cf", "p_orig", "p_cf", "path"}
 
 
-def read_results(out: str, columns: list[str] | None = None) -> pl.DataFrame:
-    """All result rows under `out` (any fsspec URI) as one polars frame."""
-    files = _files(out)
-    fs, _ = filesystem(out)
-    paths = [filesystem(f)[1] for f in files]
-    table = pq.ParquetDataset(paths, filesystem=fs, partitioning=None).read(columns=columns)
-    return pl.from_arrow(table)
-
-
 def _files(out: str) -> list[str]:
     files = result_files(out)
     if not files:
@@ -47,7 +39,11 @@ def read_shard(uri: str) -> pl.DataFrame:
     """One results shard without its tensor columns; refuses another schema version, naming the file."""
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
+        try:
+            parquet = pq.ParquetFile(handle)
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"{uri}: cannot be read as a results shard ({err}); re-run the audit "
+                             "(`cfaudit audit SPEC`) to write its unit again") from None
         version = (parquet.schema_arrow.metadata or {}).get(b"cfaudit.schema_version", b"?").decode()
         if version != str(SCHEMA_VERSION):
             raise ValueError(f"{uri}: results schema version {version}, this cfaudit reads version {SCHEMA_VERSION}; "

@@ -22,7 +22,12 @@ from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_g
 from engine.models.handles import ModelBundle
 from engine.runtime.telemetry import Telemetry
 from engine.spec.audit import AuditSpec
-from engine.store.results import commit_unit, shard_uri, write_shard
+from engine.store.commit import ClaimError
+from engine.store.results import write_unit
+
+# Errors a re-run of the same unit on the same host cannot change: reported at once, not retried.
+DETERMINISTIC = (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError, ZeroDivisionError,
+                 NotImplementedError, ClaimError)
 
 
 def pick_device(name: str) -> torch.device:
@@ -32,9 +37,12 @@ def pick_device(name: str) -> torch.device:
 
 
 class ModelHost:
-    def __init__(self, spec: dict[str, Any], num_threads: int = 1, fid: Optional[dict[str, Any]] = None) -> None:
-        """fid: the driver's resolved FidChoice as a dict ({'kind': 'inception'|'domain'|None, 'weights': ...})."""
+    def __init__(self, spec: dict[str, Any], run_id: str, num_threads: int = 1,
+                 fid: Optional[dict[str, Any]] = None) -> None:
+        """run_id: the run that holds the output's claim (checked before every write); fid: the driver's resolved
+        FidChoice as a dict ({'kind': 'inception'|'domain'|None, 'weights': ...})."""
         torch.set_num_threads(max(1, num_threads))
+        self.run_id = run_id
         self.spec = AuditSpec.model_validate(spec)
         self.device = pick_device(self.spec.runtime.device)
         self.reference = load_dataset(self.spec.dataset.name, "train", **self.spec.dataset.options)
@@ -79,24 +87,28 @@ class ModelHost:
             meta={"job": self.spec.name, "spec_hash": self.spec_hash, "model_id": model_id,
                   "method": method_name, "config_hash": config_hash(method_name, method.config),
                   "unit_id": str(row["unit_id"])}, metrics=self.metrics)
-        write_shard(shard_uri(self.spec.output, model_id, method_name, part), table)
         success = table.column("success").to_numpy(zero_copy_only=False)
         result = {"unit_id": str(row["unit_id"]), "rows": table.num_rows, "success": int(success.sum()),
                   "seconds": time.perf_counter() - start, "error": ""}
-        commit_unit(self.spec.output, model_id, method_name, part, {**result, "spec_hash": self.spec_hash})
+        write_unit(self.spec.output, table, model_id=model_id, method=method_name, part=part, query_ids=query_ids,
+                   spec_hash=self.spec_hash, run_id=self.run_id, rows=result["rows"], success=result["success"],
+                   seconds=result["seconds"])
         return result
 
     def run_with_retries(self, row: dict[str, Any]) -> dict[str, Any]:
-        """run_unit, re-run up to runtime.max_retries times when it raises; the last error is reported.
+        """run_unit, re-run up to runtime.max_retries times when it raises an error a re-run may change (I/O,
+        memory, a runtime error); a deterministic one (DETERMINISTIC: a bad value, an index out of range, a lost
+        claim) is reported at once. The last error is reported.
 
         A re-run rewrites the same shard name atomically, so a unit is never written twice. A host that
         dies instead (out of memory, killed) is Ray's to restart; Ray Data re-submits its unit.
         """
         tags = {"model": str(row["model_id"]), "method": str(row["method"])}
         self.telemetry.in_flight(tags, +1)
-        error = ""
+        error, attempt = "", 0
         try:
-            for attempt in range(1, self.spec.runtime.max_retries + 2):
+            while attempt <= self.spec.runtime.max_retries:
+                attempt += 1
                 try:
                     result = self.run_unit(row)
                     result["attempts"] = attempt
@@ -104,9 +116,11 @@ class ModelHost:
                     return result
                 except Exception as err:  # recorded; the job goes on with the other units
                     error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+                    if isinstance(err, DETERMINISTIC):
+                        break
             self.telemetry.unit_failed(tags, len(np.frombuffer(row["query_ids"], dtype=np.int64)))
             return {"unit_id": str(row["unit_id"]), "rows": 0, "success": 0, "seconds": 0.0, "error": error,
-                    "attempts": self.spec.runtime.max_retries + 1}
+                    "attempts": attempt}
         finally:
             self.telemetry.in_flight(tags, -1)
 

@@ -43,7 +43,21 @@ class FileSource(Strict):
     format: Literal["auto", "torchscript", "export", "state_dict", "pickle"] = "auto"
     factory: Optional[str] = Field(default=None, description="package.module:function building the module")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
-    allow_pickle: bool = False
+    trust: bool = Field(default=False, description="load TorchScript, torch.export (.pt2) or pickled files, which "
+                        "can execute code from the file; `allow_pickle` is its deprecated alias")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allow_pickle_alias(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "allow_pickle" not in data:
+            return data
+        data = dict(data)
+        alias = data.pop("allow_pickle")
+        if "trust" in data and data["trust"] != alias:
+            raise ValueError(f"`trust` ({data['trust']}) and its deprecated alias `allow_pickle` ({alias}) "
+                             f"disagree; give only `trust`")
+        data["trust"] = alias
+        return data
 
     def _check_source(self, what: str, train: Any) -> None:
         if (train is None) == (self.path is None):

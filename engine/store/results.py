@@ -7,17 +7,16 @@ series is stored the same way, as a list of such tensors per row (`path`, `read_
 """
 from __future__ import annotations
 
-import glob
 import io
-import json
-import re
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.store.uri import filesystem, is_local, join, write_bytes_atomic
+from engine.store.commit import (CorruptShard, check_run, commit_unit, output_spec_hash, output_state, query_hash,
+                                 sha256, shard_path)
+from engine.store.uri import exists, join, write_bytes_atomic
 
 SCHEMA_VERSION = 4  # 2: per-query metric columns (engine.metrics.per_query); 3: tabular records;
                     # 4: progressive series `path`; text sentences `text`, `text_cf`
@@ -138,47 +137,55 @@ def read_series(column: pa.ChunkedArray | pa.Array, rows: Sequence[int]) -> list
 
 
 def shard_uri(out: str, model_id: str, method: str, part: int) -> str:
-    return join(out, "results", f"model={model_id}", f"method={method}", f"part-{part:05d}.parquet")
+    return join(out, shard_path(model_id, method, part))
+
+
+def shard_bytes(table: pa.Table) -> bytes:
+    """A results table as the bytes of one Parquet shard (zstd)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
 
 
 def write_shard(uri: str, table: pa.Table) -> None:
     """Serialise to Parquet in memory, then write atomically (readers never see half a file)."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    write_bytes_atomic(uri, buffer.getvalue())
+    write_bytes_atomic(uri, shard_bytes(table))
 
 
-def manifest_uri(out: str, model_id: str, method: str, part: int) -> str:
-    return join(out, "manifest", f"model={model_id}", f"method={method}", f"part-{part:05d}.json")
+def write_unit(out: str, table: pa.Table, *, model_id: str, method: str, part: int, query_ids: np.ndarray,
+               spec_hash: str, run_id: str, **extra) -> dict:
+    """Write a unit's shard, then commit it (engine/store/commit.py), unless run `run_id` lost the output's claim.
+    Returns the manifest entry; `extra` (rows, seconds, ...) is recorded in it."""
+    data = shard_bytes(table)
+    check_run(out, run_id)  # a run that lost its claim writes nothing more
+    write_bytes_atomic(shard_uri(out, model_id, method, part), data)
+    entry = {**extra, "unit_id": f"{model_id}/{method}/{part:05d}", "model_id": model_id, "method": method,
+             "part": int(part), "queries": query_hash(query_ids), "n": len(query_ids), "size": len(data),
+             "sha256": sha256(data), "spec_hash": spec_hash, "run_id": run_id}
+    commit_unit(out, entry)
+    return entry
 
 
-def commit_unit(out: str, model_id: str, method: str, part: int, record: dict) -> None:
-    """Record a unit as finished, after its shard is written: the manifest entry is the commit marker.
-
-    A crash between the two leaves a whole shard without an entry; the unit then runs again and replaces
-    the shard under the same name, so every row still lands exactly once.
-    """
-    write_bytes_atomic(manifest_uri(out, model_id, method, part), json.dumps(record, sort_keys=True).encode())
-
-
-_PART = re.compile(r"model=([^/]+)/method=([^/]+)/part-(\d+)\.json$")
+def _spec_hash(out: str) -> str | None:
+    return output_spec_hash(out) if exists(join(out, "_job.json")) else None
 
 
 def finished_units(out: str) -> set[tuple[str, str, int]]:
-    """(model_id, method, part) of every unit the manifest records as finished."""
-    fs, path = filesystem(join(out, "manifest"))
-    pattern = path.rstrip("/") + "/model=*/method=*/part-*.json"
-    found = glob.glob(pattern) if is_local(fs) else fs.glob(pattern)
-    units = set()
-    for p in found:
-        m = _PART.search(p)
-        if m:
-            units.add((m.group(1), m.group(2), int(m.group(3))))
-    return units
+    """(model_id, method, part) of every unit committed for the output's spec, its shard present and whole."""
+    spec_hash = _spec_hash(out)
+    return set() if spec_hash is None else set(output_state(out, spec_hash).committed)
 
 
 def result_files(out: str) -> list[str]:
-    """Full URIs of every results shard (for polars / pyarrow readers)."""
-    fs, path = filesystem(join(out, "results"))
-    found = sorted(fs.glob(path.rstrip("/") + "/model=*/method=*/part-*.parquet"))
-    return [p if is_local(fs) else fs.unstrip_protocol(p) for p in found]
+    """URIs of the committed results shards of the output's spec, each checked against its manifest entry
+    (size and SHA-256). Uncommitted shards and other specs' are not results; a committed unit whose shard is
+    missing or corrupt raises CorruptShard naming the files (re-running the audit repairs them)."""
+    spec_hash = _spec_hash(out)
+    if spec_hash is None:
+        return []
+    state = output_state(out, spec_hash, verify=True)
+    if state.problems:
+        listed = "\n  ".join(sorted(state.problems.values())[:10])
+        raise CorruptShard(f"results under {out!r} are incomplete: {len(state.problems)} committed unit(s) do not "
+                           f"hold up\n  {listed}\nre-run the audit (`cfaudit audit SPEC`): it writes those units again")
+    return sorted(c.uri for c in state.committed.values())

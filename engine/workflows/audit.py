@@ -11,12 +11,14 @@ from engine.data import load_dataset
 from engine.metrics.fid_reference import (build_extractor, read_reference, reference_state, resolve_choice,
                                           write_reference)
 from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
-from engine.runtime.plan import QueryAttacher, plan_units, select_queries, unit_descriptor
+from engine.runtime.plan import QueryAttacher, WorkUnit, plan_units, select_queries, unit_descriptor
 from engine.spec.audit import AuditSpec
-from engine.store.results import finished_units, result_files
+from engine.store.commit import Claim, check_unclaimed
+from engine.store.results import result_files
 from engine.store.uri import check_writable, join, write_bytes_atomic
 from engine.workflows.preflight import check_claim, check_dataset, check_fleet
-from engine.workflows.stages import Stages, claim_directory
+from engine.workflows.resume import check_resumable, claim_output, units_to_run, weights_digest
+from engine.workflows.stages import Stages
 
 
 @dataclass
@@ -29,11 +31,6 @@ class AuditResult:
     units_retried: int = 0
     summary: pl.DataFrame | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
-
-
-def claim_output(spec: AuditSpec) -> None:
-    """Refuse to mix results of different specs in one output; `overwrite: true` clears it."""
-    claim_directory(spec.output, "_job.json", spec, "results")
 
 
 def check_confounders(spec: AuditSpec, oracle, log: Callable[[str], None]) -> None:
@@ -77,23 +74,18 @@ def write_fid_reference(spec: AuditSpec, extractor, data, log: Callable[[str], N
 
 
 def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = True) -> AuditResult:
-    import ray
-    import ray.data
-    from tqdm import tqdm
-
-    from engine.report.bias import fleet_headline, write_reports
-    from engine.report.dashboard import render_dashboard
-    from engine.report.summary import audit_states, headline, write_summary
-    from engine.runtime.cluster import start_ray
-    from engine.runtime.host import ModelHost, pick_device
+    from engine.runtime.host import pick_device
 
     check_writable(spec.output)  # a missing bucket or dead endpoint fails here, not after training
     check_claim(spec.output, "_job.json", spec, "results")  # another spec's output: refused before training
+    check_unclaimed(spec.output)  # another live run writing it: refused before training
     stages = Stages(log)
     with stages.stage("data"):
         queries_data = load_dataset(spec.dataset.name, spec.queries.split, **spec.dataset.options)
         check_dataset(queries_data, spec.queries.split)
         query_ids = select_queries(queries_data, spec.queries.count, spec.queries.seed, spec.queries.classes)
+        units = plan_units(spec, query_ids)
+        check_resumable(spec, units)  # another cut of the queries into units: refused before training
         log(f"  {spec.dataset.name}/{spec.queries.split}: {len(queries_data)} samples, {len(query_ids)} queries")
     with stages.stage("models"):
         # Train or fetch every built-in model once here, so the hosts only read the cache.
@@ -114,65 +106,34 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         fid = resolve_choice(spec.metrics.fid.extractor, spec.metrics.fid.weights, queries_data.kind == "image", log)
         extractor = build_extractor(fid, spec.dataset.name, spec.dataset.options, spec.runtime.cache_dir,
                                     pick_device(spec.runtime.device), log)
+        digests = {h.model_id: weights_digest(h.module) for h in handles}
+        digests.update({name: weights_digest(model.module) for name, model in
+                        (("generator", generator), ("oracle", oracle)) if model is not None})
     with stages.stage("plan"):
-        claim_output(spec)
+        claim = claim_output(spec, units, digests, log)
+    try:
+        return _run(spec, claim, units, stages, queries_data, extractor, fid, log, progress)
+    finally:
+        claim.release()
+
+
+def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], stages: Stages, queries_data, extractor, fid,
+         log: Callable[[str], None], progress: bool) -> AuditResult:
+    """The claimed part of an audit: the units still to run, through Ray, then the reports."""
+    from engine.report.bias import fleet_headline, write_reports
+    from engine.report.dashboard import render_dashboard
+    from engine.report.summary import audit_states, headline, write_summary
+
+    with stages.stage("plan"):
         if extractor is not None:
             write_fid_reference(spec, extractor, queries_data, log)
-        units = plan_units(spec, query_ids)
-        done = finished_units(spec.output)
-        todo = [u for u in units if (u.model_id, u.method, u.part) not in done]
-        log(f"  {len(units)} units ({len(spec.fleet)} models x {len(spec.methods)} methods x "
-            f"{len(query_ids)} queries, batch {spec.runtime.batch_size}); {len(units) - len(todo)} already done")
+        todo = units_to_run(spec, units, log)
+        log(f"  {len(units)} units ({len(spec.fleet)} models x {len(spec.methods)} methods, batch "
+            f"{spec.runtime.batch_size}); {len(units) - len(todo)} already done")
     result = AuditResult(spec.output, len(units), len(units) - len(todo), 0)
     if todo:
         with stages.stage("explain"):
-            start_ray(spec.runtime.address, include_dashboard=spec.runtime.include_dashboard)
-            context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = False  # the driver's bar counts queries
-            # A unit's exceptions are caught and retried in its host; a block that still errors means its
-            # host process died max_retries + 1 times on it. Drop that one unit (recorded below), not the job.
-            context.max_errored_blocks = -1
-            rows = [unit_descriptor(u) for u in todo]
-            ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-                QueryAttacher, batch_size=1, batch_format="numpy", num_cpus=0,  # never blocks a host
-                compute=ray.data.ActorPoolStrategy(size=1),
-                fn_constructor_kwargs={"name": spec.dataset.name, "split": spec.queries.split,
-                                       "options": spec.dataset.options})
-            threads = max(1, int(spec.runtime.num_cpus_per_actor))
-            with warnings.catch_warnings():
-                # Ray 2.60 has no named parameter for an actor's retry bounds yet, so they go through the
-                # (deprecated) **ray_remote_args: a dead host is replaced, its unit re-run max_retries times.
-                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-                out = ds.map_batches(
-                    ModelHost, batch_size=1, batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=spec.runtime.num_actors),
-                    num_cpus=spec.runtime.num_cpus_per_actor, num_gpus=spec.runtime.num_gpus_per_actor or None,
-                    max_restarts=-1, max_task_retries=spec.runtime.max_retries,
-                    fn_constructor_kwargs={"spec": spec.model_dump(mode="json"), "num_threads": threads,
-                                           "fid": {"kind": fid.kind, "weights": fid.weights}})
-            sizes = {u.unit_id: len(u.query_ids) for u in todo}
-            bar = tqdm(total=sum(sizes.values()), desc="queries", unit="q", disable=not progress,
-                       dynamic_ncols=True)
-            reported: set[str] = set()
-            for row in out.iter_rows():
-                reported.add(row["unit_id"])
-                attempts = int(row.get("attempts", 1))
-                result.units_retried += int(attempts > 1)
-                if row["error"]:
-                    result.units_failed.append((row["unit_id"], row["error"]))
-                    log(f"  unit {row['unit_id']} failed after {attempts} attempt(s): {row['error'].splitlines()[0]}")
-                else:
-                    result.units_done += 1
-                bar.update(sizes.get(row["unit_id"], 0))
-                bar.set_postfix(units=f"{result.units_done}/{len(todo)}", failed=len(result.units_failed),
-                                refresh=False)
-            bar.close()
-            for unit in todo:
-                if unit.unit_id not in reported:
-                    error = (f"HostDied: the host process died {spec.runtime.max_retries + 1} times running this "
-                             "unit (killed, out of memory, or a crash in native code)")
-                    result.units_failed.append((unit.unit_id, error))
-                    log(f"  unit {unit.unit_id} failed: {error}")
+            run_units(spec, todo, fid, claim.run_id, result, log, progress)
     write_failures(spec.output, result.units_failed)
     closing: list[str] = []  # the fleet table and the dashboard's path end the job's output
     with stages.stage("report"):
@@ -200,3 +161,131 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
     for text in closing:
         log(text)
     return result
+
+
+class HostStartError(ValueError):
+    """No model host can start: its constructor raises, its process dies in it, or the cluster has no room."""
+
+
+class HostProbe:
+    """A ModelHost built alone, outside Ray Data's pool; keeps what its constructor raised (the host is dropped)."""
+
+    def __init__(self, host_cls: type, kwargs: dict) -> None:
+        try:
+            host_cls(**kwargs)
+            self.error = ""
+        except Exception as err:  # noqa: BLE001 - the driver reports it as the reason no host can start
+            self.error = f"{type(err).__name__}: {err}"
+
+    def raised(self) -> str:
+        return self.error
+
+
+def probe_host(host_cls: type, kwargs: dict, resources: dict, attempts: int, timeout_s: float) -> None:
+    """Start one host as an actor Ray never restarts, then stop it; raise HostStartError if it cannot start.
+
+    Ray Data's pool runs its hosts with max_restarts=-1 (so a host killed on one unit is replaced), and Ray
+    restarts an actor whose process died in its constructor just the same: forever, and the job never ends.
+    Here a constructor that raises ends the job at once, a process that dies in it `attempts` times ends it
+    then, and a host not up within timeout_s (no room in the cluster, a constructor that hangs) at the deadline.
+    """
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    for _ in range(attempts):
+        probe = ray.remote(HostProbe).options(max_restarts=0, **resources).remote(host_cls, kwargs)
+        try:
+            error = ray.get(probe.raised.remote(), timeout=max(deadline - time.monotonic(), 0.001))
+        except ray.exceptions.GetTimeoutError:
+            raise HostStartError(f"the model host did not start within {timeout_s:g} s "
+                                 f"(runtime.host_start_timeout_s): the cluster has no room for one "
+                                 f"({resources}), or its constructor hangs") from None
+        except ray.exceptions.RayActorError:
+            continue  # its process died in the constructor
+        finally:
+            ray.kill(probe)
+        if error:
+            raise HostStartError(f"the model host could not start: its constructor raised {error}")
+        return
+    raise HostStartError(f"the model host could not start: its process died {attempts} times in its constructor "
+                         "(killed, out of memory, or a crash in native code; runtime.max_retries + 1 attempts)")
+
+
+def pool_rows(out, timeout_s: float, hosts: int):
+    """out.iter_rows(); the pool's start timeout (DataContext.wait_for_min_actors_s) as a HostStartError."""
+    import ray
+
+    try:
+        yield from out.iter_rows()
+    except ray.exceptions.GetTimeoutError:
+        raise HostStartError(f"the {hosts} model host(s) did not all start within {timeout_s:g} s "
+                             "(runtime.host_start_timeout_s): the cluster has no room for them (lower "
+                             "runtime.num_actors), or their processes die while starting") from None
+
+
+def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: AuditResult,
+              log: Callable[[str], None], progress: bool) -> None:
+    """Fan the units out to an actor pool of ModelHosts (Ray Data); count what each reported in `result`."""
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    from engine.runtime.cluster import start_ray
+    from engine.runtime.host import ModelHost
+
+    start_ray(spec.runtime.address, include_dashboard=spec.runtime.include_dashboard)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver's bar counts queries
+    # A unit's exceptions are caught and retried in its host; a block that still errors means its
+    # host process died max_retries + 1 times on it. Drop that one unit (recorded below), not the job.
+    context.max_errored_blocks = -1
+    # Every host of the pool must be up within the start timeout, else the job ends; probe_host below ends it
+    # sooner when a host's constructor raises or its process dies in it every time.
+    start_timeout_s = getattr(spec.runtime, "host_start_timeout_s", 600.0)  # TODO: spec.runtime.host_start_timeout_s
+    context.wait_for_min_actors_s = start_timeout_s  # typed int, used as ray.get's timeout
+    rows = [unit_descriptor(u) for u in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        QueryAttacher, batch_size=1, batch_format="numpy", num_cpus=0,  # never blocks a host
+        compute=ray.data.ActorPoolStrategy(size=1),
+        fn_constructor_kwargs={"name": spec.dataset.name, "split": spec.queries.split,
+                               "options": spec.dataset.options})
+    threads = max(1, int(spec.runtime.num_cpus_per_actor))
+    host_kwargs = {"spec": spec.model_dump(mode="json"), "run_id": run_id, "num_threads": threads,
+                   "fid": {"kind": fid.kind, "weights": fid.weights}}
+    probe_host(ModelHost, host_kwargs, {"num_cpus": spec.runtime.num_cpus_per_actor,
+                                        "num_gpus": spec.runtime.num_gpus_per_actor},
+               attempts=spec.runtime.max_retries + 1, timeout_s=start_timeout_s)
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for an actor's retry bounds yet, so they go through the
+        # (deprecated) **ray_remote_args: a dead host is replaced, its unit re-run max_retries times.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        out = ds.map_batches(
+            ModelHost, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=spec.runtime.num_actors),
+            num_cpus=spec.runtime.num_cpus_per_actor, num_gpus=spec.runtime.num_gpus_per_actor or None,
+            max_restarts=-1, max_task_retries=spec.runtime.max_retries, fn_constructor_kwargs=host_kwargs)
+    sizes = {u.unit_id: len(u.query_ids) for u in todo}
+    bar = tqdm(total=sum(sizes.values()), desc="queries", unit="q", disable=not progress,
+               dynamic_ncols=True)
+    reported: set[str] = set()
+    for row in pool_rows(out, start_timeout_s, spec.runtime.num_actors):
+        reported.add(row["unit_id"])
+        attempts = int(row.get("attempts", 1))
+        result.units_retried += int(attempts > 1)
+        if row["error"]:
+            result.units_failed.append((row["unit_id"], row["error"]))
+            log(f"  unit {row['unit_id']} failed after {attempts} attempt(s): {row['error'].splitlines()[0]}")
+        else:
+            result.units_done += 1
+        bar.update(sizes.get(row["unit_id"], 0))
+        bar.set_postfix(units=f"{result.units_done}/{len(todo)}", failed=len(result.units_failed),
+                        refresh=False)
+    bar.close()
+    for unit in todo:
+        if unit.unit_id not in reported:
+            error = (f"HostDied: the host process died {spec.runtime.max_retries + 1} times running this "
+                     "unit (killed, out of memory, or a crash in native code)")
+            result.units_failed.append((unit.unit_id, error))
+            log(f"  unit {unit.unit_id} failed: {error}")

@@ -3,7 +3,6 @@ data is usable, whether every model and method fits the data. Each error names t
 expected; nothing here writes anything."""
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 import torch
@@ -18,12 +17,13 @@ PROBE_QUERIES = 16  # queries each classifier sees in the dry run: enough to cat
 def check_claim(directory: str, marker: str, spec: Any, what: str) -> None:
     """Refuse early (before training) when `directory` holds another spec's `what`; the marker is written
     later by `stages.claim_directory`, once the job is known to be runnable."""
-    from engine.store.uri import exists, join, read_bytes
+    from engine.store.commit import read_record
+    from engine.store.uri import exists, join
 
     uri = join(directory, marker)
     if spec.overwrite or not exists(uri):
         return
-    previous = json.loads(read_bytes(uri))
+    previous = read_record(uri, "job record")
     if previous.get("spec_hash") != spec.spec_hash():
         raise ValueError(f"{directory!r} holds {what} of a different spec ({previous.get('name')!r}, hash "
                          f"{previous.get('spec_hash')}); choose another output or set `overwrite: true`")

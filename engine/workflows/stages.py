@@ -19,7 +19,7 @@ class Stages:
         try:
             yield
         finally:
-            self.seconds[name] = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             self.log(f"[{name}] done in {self.seconds[name]:.1f}s")
 
     def report(self) -> str:
@@ -32,12 +32,18 @@ def claim_directory(directory: str, marker: str, spec: Any, what: str,
                     log: Callable[[str], None] = lambda *_: None) -> None:
     """Refuse to mix a job's output with another spec's: <directory>/<marker> records the spec hash; a
     different hash is an error unless `spec.overwrite`, which clears the directory first."""
-    from engine.store.uri import exists, filesystem, join, read_bytes, write_bytes_atomic
+    from engine.store.commit import read_record
+    from engine.store.uri import exists, filesystem, join, write_bytes_atomic
 
     uri = join(directory, marker)
     record = {"name": spec.name, "spec_hash": spec.spec_hash(), "spec": spec.model_dump(mode="json")}
     if exists(uri):
-        previous = json.loads(read_bytes(uri))
+        try:
+            previous = read_record(uri, "job record")
+        except ValueError:
+            if not spec.overwrite:
+                raise
+            previous = {}
         if previous.get("spec_hash") != record["spec_hash"]:
             if not spec.overwrite:
                 raise ValueError(f"{directory!r} holds {what} of a different spec ({previous.get('name')!r}, hash "

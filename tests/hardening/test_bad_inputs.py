@@ -58,6 +58,7 @@ class SmallDecoder(nn.Module):
 
 
 def _script(module: nn.Module, path: Path) -> str:
+    """A user's TorchScript file: its spec entry needs `trust: true`."""
     torch.jit.script(module).save(str(path))
     return str(path)
 
@@ -158,22 +159,23 @@ CASES: list[tuple[str, Callable, str]] = [
      r"images\.parquet column 'label': integer labels must be in \[0, 2\)"),
     ("data-confounder-not-an-attribute", _set("dataset.options.confounder", "hat"),
      r"shapes: option 'confounder' must be one of \[.*'marker'.*\], got 'hat'"),
-    ("data-wrong-channels", lambda s, t: _fleet_file(s, _script(FixedInput(1, 32), t / "gray.pt")),
+    ("data-wrong-channels", lambda s, t: _fleet_file(s, _script(FixedInput(1, 32), t / "gray.pt"), trust=True),
      r"'user-cnn' failed on a dummy input of shape \[1, 3, 32, 32\]"),
     # models
     ("model-missing-file", lambda s, t: _fleet_file(s, str(t / "gone.pt")), r"Model file not found: .*gone\.pt"),
     ("model-pickle-refused", lambda s, t: torch.save(FixedInput(3, 32), t / "full.pt") or
-     _fleet_file(s, str(t / "full.pt")), r"full\.pt.*allow_pickle: true"),
-    ("model-wrong-input-shape", lambda s, t: _fleet_file(s, _script(FixedInput(3, 16), t / "small.pt")),
+     _fleet_file(s, str(t / "full.pt")),
+     r"model 'user-cnn': .*full\.pt is a pickle of Python objects.*can execute code from the file\. Set `trust: true`"),
+    ("model-wrong-input-shape", lambda s, t: _fleet_file(s, _script(FixedInput(3, 16), t / "small.pt"), trust=True),
      r"'user-cnn' failed on a dummy input of shape \[1, 3, 32, 32\]"),
-    ("model-wrong-class-count", lambda s, t: _fleet_file(s, _script(FixedInput(3, 32, 3), t / "three.pt")),
+    ("model-wrong-class-count", lambda s, t: _fleet_file(s, _script(FixedInput(3, 32, 3), t / "three.pt"), trust=True),
      r"'user-cnn' returned shape \[1, 3\].*expected \[1, 2\]"),
-    ("model-nan-logits", lambda s, t: {**_fleet_file(s, _script(NanOnRed(), t / "nan.pt")),
+    ("model-nan-logits", lambda s, t: {**_fleet_file(s, _script(NanOnRed(), t / "nan.pt"), trust=True),
                                        },
      r"model 'user-cnn' returned NaN or inf logits on query ids \[\d+"),
     ("model-generator-shape", lambda s, t: {**s, "methods": [{"name": "xgem", "params": {"max_iter": 5}}],
                                             "generator": {"kind": "vae", "path": _script(SmallDecoder(), t / "g.pt"),
-                                                          "latent_dim": 4}},
+                                                          "latent_dim": 4, "trust": True}},
      r"generator 'generator-vae' decodes to shape \[1, 8, 8\], but the classifiers take \[3, 32, 32\]"),
     # storage
     ("storage-other-spec", lambda s, t: (t / "out").mkdir() or (t / "out" / "_job.json").write_text(

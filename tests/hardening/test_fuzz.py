@@ -3,8 +3,9 @@
 - The spec loader, given random YAML text, random documents, or a valid spec with one field replaced by a
   random value, either returns a spec or raises SpecError (never a KeyError, TypeError, a pydantic
   ValidationError or a crash in a validator).
-- The per-query metrics, given random queries and counterfactuals (NaN, inf, huge values, any success mask),
-  return one value per query, each finite or null.
+- The per-query metrics, given random units (NaN, inf, huge values in x_cf and latents; no, one, every or any
+  query successful; one target class, each query its own, or any; one query or several), return one value
+  per query, each finite or null and null wherever a metric needs a valid counterfactual the row lacks.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from engine.explain import cf_to_table
 from engine.metrics.distances import input_distances
 from engine.metrics.per_query import MetricOptions, per_query_columns
-from engine.models.handles import ClassifierHandle, ModelBundle
+from engine.models.handles import ClassifierHandle, GeneratorHandle, ModelBundle
 from engine.spec import AuditSpec, SpecError, load_spec, parse_spec
 from engine.spec.sweep import SweepSpec
 from engine.types import CFBatch, QueryBatch
@@ -93,45 +95,87 @@ def test_any_text_file_gives_a_spec_or_a_spec_error(tmp_path_factory, text):
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.linear = nn.Linear(12, 3)
+        self.linear = nn.Linear(12, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.flatten(1))
 
 
-HANDLE = ClassifierHandle(Tiny().eval(), "tiny", (3, 2, 2), ["a", "b", "c"])
+class Encoder(nn.Module):
+    """A fixed linear encoder [B, 3, 2, 2] -> [B, 4]; its gain makes a 1e30 input a ±inf or NaN latent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.linspace(-1e9, 1e9, 48).view(4, 12))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (z @ self.weight).view(-1, 3, 2, 2)
+
+
+HANDLE = ClassifierHandle(Tiny().eval(), "tiny", (3, 2, 2), list("abcdef"))
+BUNDLE = ModelBundle(classifier=HANDLE, generator=GeneratorHandle(Encoder(), "linear", 4))
+META = {"job": "t", "spec_hash": "h", "model_id": "tiny", "method": "m", "config_hash": "c", "unit_id": "u"}
+NEED_VALID = ("latent_closest", "coherence", "fid_features")  # null on a row without a valid counterfactual
 values = st.one_of(st.floats(width=32), st.sampled_from([0.0, 1.0, 1e30, -1e30]))  # NaN, ±inf, huge and plain
+
+
+def tensors(draw, *shape):
+    return torch.tensor(draw(st.lists(values, min_size=math.prod(shape), max_size=math.prod(shape)))).view(shape)
 
 
 @st.composite
 def units(draw):
+    """1-6 queries of which none, one, all or any succeeded, aimed at one class, each at its own, or any."""
     n = draw(st.integers(1, 6))
     x = torch.tensor(draw(st.lists(st.floats(0, 1, width=32), min_size=n * 12, max_size=n * 12))).view(n, 3, 2, 2)
-    x_cf = torch.tensor(draw(st.lists(values, min_size=n * 12, max_size=n * 12))).view(n, 3, 2, 2)
-    success = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
-    target = torch.tensor(draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)))
-    return x, x_cf, success, target
+    succeeded = draw(st.sampled_from(["none", "one", "all", "any"]))
+    aimed = draw(st.sampled_from(["one", "each", "any"]))
+    event(f"succeeded: {succeeded}, targets: {aimed}, size {'1' if n == 1 else '> 1'}")
+    if succeeded == "one":
+        success = torch.arange(n) == draw(st.integers(0, n - 1))
+    elif succeeded == "any":
+        success = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    else:
+        success = torch.full((n,), succeeded == "all")
+    target = (torch.full((n,), draw(st.integers(0, 5))) if aimed == "one" else torch.arange(n) if aimed == "each"
+              else torch.tensor(draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))))
+    probs = torch.full((n, 6), 1 / 6)
+    series = {"desired": tensors(draw, n, 3), "achieved": tensors(draw, n, 3)} if draw(st.booleans()) else {}
+    cf = CFBatch(x_cf=tensors(draw, n, 3, 2, 2), success=success, p_orig=probs, p_cf=probs, target=target,
+                 n_iter=torch.zeros(n, dtype=torch.long), status=["ok"] * n, extras=series,
+                 explanation=tensors(draw, n, 3, 2, 2) if draw(st.booleans()) else None)
+    return QueryBatch(x=x, target=target, query_id=torch.arange(n), label=torch.full((n,), -1), seed=0), cf
+
+
+def _finite_or_null(value) -> bool:
+    """None, a flag, or a number (or list of them) finite as the float32 the results store."""
+    if value is None or isinstance(value, bool):
+        return True
+    return bool((np.abs(np.asarray(value, dtype=np.float64)) <= np.finfo(np.float32).max).all())
 
 
 @FAST
 @given(units(), st.sampled_from(["l0", "l1", "l2"]), st.integers(0, 4))
 def test_per_query_metrics_give_one_finite_or_null_value_per_query(unit, norm, steps):
-    x, x_cf, success, target = unit
-    n = len(x)
-    batch = QueryBatch(x=x, target=target, query_id=torch.arange(n), label=torch.full((n,), -1), seed=0)
-    probs = torch.full((n, 3), 1 / 3)
-    cf = CFBatch(x_cf=x_cf, success=success, p_orig=probs, p_cf=probs, target=target,
-                 n_iter=torch.zeros(n, dtype=torch.long), status=["ok"] * n)
-    options = MetricOptions(coherence_norm=norm, deletion_steps=steps)
-    columns = per_query_columns(batch, cf, ModelBundle(classifier=HANDLE), options)
+    batch, cf = unit
+    n = len(batch)
+    options = MetricOptions(coherence_norm=norm, deletion_steps=steps, confounders=("marker",),
+                            extractor=lambda v: BUNDLE.generator.encode(v)[0])
+    changed = [["marker"] if i % 2 else [] for i in range(n)]
+    columns = per_query_columns(batch, cf, BUNDLE, options, oracle_changed=changed)
+    assert {"latent_l2", "lpr", "latent_closest", "confounded", "fid_features"} <= set(columns)
+    table = cf_to_table(batch, cf.p_orig, cf, 0.0, {**META, **columns})  # what a shard stores
+    assert table.num_rows == n and table.column("success").to_pylist() == cf.success.tolist()
     for name, column in columns.items():
         assert len(column) == n, name
-        for value in np.asarray(column, dtype=object).ravel():
-            if isinstance(value, (list, np.ndarray)):
-                assert np.isfinite(np.asarray(value, dtype=float)).all(), name
-            elif value is not None and not isinstance(value, (bool, np.bool_)):
-                assert math.isfinite(float(value)), (name, value)
-    distances = input_distances(x, torch.nan_to_num(x_cf))
+        stored = table.column(name).to_pylist()
+        assert all(_finite_or_null(v) for v in stored), (name, stored)
+        if name in NEED_VALID:
+            assert all(v is None for v, ok in zip(stored, cf.success.tolist()) if not ok), (name, stored)
+    distances = input_distances(batch.x, torch.nan_to_num(cf.x_cf))
     assert all(d.shape == (n,) for d in distances.values())
 
 

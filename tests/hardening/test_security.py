@@ -26,8 +26,9 @@ from engine.models.handles import ModelBundle
 from engine.report.bias import write_reports
 from engine.report.dashboard import render_dashboard
 from engine.report.summary import write_summary
-from engine.store.results import shard_uri, write_shard
+from engine.store.results import shard_uri
 from engine.store.uri import join, write_bytes_atomic
+from tests.fixtures.results import SPEC_HASH, commit_shard
 
 ROOT = Path(__file__).resolve().parents[2]
 EVIL_MODEL = "<img src=x onerror=alert(1)>"
@@ -56,12 +57,12 @@ def evil_dashboard(tmp_path_factory, confounded_cnn, shapes_oracle, shapes_biase
     table = explain_unit(make_method("gradual_construction", {"sigma": 20}), bundle, shapes_test.x[:N],
                          torch.arange(N), shapes_test.y[:N], "flip", seed=0, meta=meta,
                          metrics=MetricOptions(confounders=(EVIL_ATTRIBUTE,), deletion_steps=0))
-    write_shard(shard_uri(str(out), EVIL_MODEL, "gradual_construction", 0), table)
+    commit_shard(str(out), EVIL_MODEL, "gradual_construction", 0, table)
     spec = {"name": "evil", "dataset": {"name": "parquet_images", "options": {
         "path": str(data), "split_column": "split", "class_names": EVIL_CLASSES}},
         "queries": {"split": "test"}, "metrics": {"confidence": 0.95, "bootstrap_samples": 50,
                                                    "confounders": [EVIL_ATTRIBUTE]}}
-    write_bytes_atomic(join(str(out), "_job.json"), json.dumps({"spec": spec}).encode())
+    write_bytes_atomic(join(str(out), "_job.json"), json.dumps({"spec": spec, "spec_hash": SPEC_HASH}).encode())
     write_reports(str(out), summary=write_summary(str(out), 0.95, 50))
     return Path(render_dashboard(str(out), max_examples=4)).read_text()
 

@@ -1,4 +1,6 @@
 """Mergeable group metrics: per-shard states merged equal one state over everything."""
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -13,7 +15,8 @@ from engine.metrics.frechet import FrechetState, frechet_distance
 from engine.metrics.per_query import MetricOptions
 from engine.models.handles import ModelBundle
 from engine.report.summary import summarize
-from engine.store.results import shard_uri, write_shard
+from engine.store.uri import write_bytes_atomic
+from tests.fixtures.results import SPEC_HASH, commit_shard
 
 META = {"job": "t", "spec_hash": "h", "model_id": "biased", "config_hash": "c", "unit_id": "u"}
 
@@ -72,7 +75,8 @@ def _write_out(out: str, tables, parts: int, reference: FrechetState) -> None:
         method = table.column("method")[0].as_py()
         bounds = np.linspace(0, table.num_rows, parts + 1).astype(int)
         for p in range(parts):
-            write_shard(shard_uri(out, "biased", method, p), table.slice(bounds[p], bounds[p + 1] - bounds[p]))
+            commit_shard(out, "biased", method, p, table.slice(bounds[p], bounds[p + 1] - bounds[p]))
+    write_bytes_atomic(f"{out}/_job.json", json.dumps({"spec_hash": SPEC_HASH}).encode())
     write_reference(out, "avgpool-test", reference)
 
 

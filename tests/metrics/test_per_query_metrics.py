@@ -11,7 +11,9 @@ from engine.metrics.compatibility import compatibility_rows, pooled_compatibilit
 from engine.metrics.deletion import curve_auc, deletion_curve, per_query_uniform
 from engine.metrics.distances import input_distances
 from engine.metrics.latent import latent_change, latent_closeness
-from engine.models.handles import ClassifierHandle
+from engine.metrics.per_query import MetricOptions, per_query_columns
+from engine.models.handles import ClassifierHandle, GeneratorHandle, ModelBundle
+from engine.types import CFBatch, QueryBatch
 
 
 def test_l0_counts_changes_at_or_above_the_gc_threshold():
@@ -39,8 +41,60 @@ def test_latent_closeness_compares_with_other_explanations_of_the_same_group():
     e_cf = torch.tensor([[1.0, 0.0], [4.0, 0.0], [0.0, 11.0]])
     # query 1's explanation (4, 0) is 6 from its query but 3 from query 0's explanation (1, 0).
     assert latent_closeness(e_x, e_cf).tolist() == [True, False, True]
-    # with query 0 in another group, nothing else is near query 1's explanation.
-    assert latent_closeness(e_x, e_cf, torch.tensor([0, 1, 1])).tolist() == [True, True, True]
+    # with query 0 in another group, nothing else is near query 1's explanation; query 0 has nothing to beat.
+    alone = latent_closeness(e_x, e_cf, torch.tensor([0, 1, 1])).tolist()
+    assert math.isnan(alone[0]) and alone[1:] == [True, True]
+
+
+def test_latent_closeness_is_null_without_another_explanation():
+    """Issue 22: a unit with no valid counterfactual raised IndexError (a min over no explanations)."""
+    assert latent_closeness(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)).shape == (0,)
+    assert math.isnan(latent_closeness(torch.zeros(1, 4), torch.ones(1, 4)).item())
+    e_cf = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [0.0, 1.0]])
+    out = latent_closeness(torch.zeros(3, 2), e_cf, torch.tensor([0, 0, 1]))
+    assert out.isnan().all()  # 0: its only rival is not finite; 1: its own encoding; 2: alone in its group
+
+
+class _Linear(torch.nn.Module):
+    """A fixed linear encoder [B, 1, 2, 2] -> [B, 2] (and back), enough for the latent metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+
+    def encode(self, x):
+        return x.flatten(1) @ self.weight.T
+
+    def decode(self, z):
+        return (z @ self.weight).view(-1, 1, 2, 2)
+
+    def forward(self, x):
+        return x.flatten(1) @ torch.tensor([[1.0, -1.0]] * 4)
+
+
+def test_per_query_columns_null_where_a_target_has_no_valid_counterfactual():
+    handle = ClassifierHandle(_Linear(), "linear", (1, 2, 2), ["a", "b"])
+    bundle = ModelBundle(classifier=handle, generator=GeneratorHandle(_Linear(), "linear", 2))
+    x = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [9.0, 9.0], [9.0, 8.0]]).repeat(1, 2)
+    x = x.view(5, 1, 2, 2)
+    x_cf = x + 0.5
+    target = torch.tensor([0, 0, 1, 2, 2])
+    probs = torch.full((5, 2), 0.5)
+
+    def columns(success):
+        batch = QueryBatch(x=x, target=target, query_id=torch.arange(5), seed=0)
+        cf = CFBatch(x_cf=x_cf, success=torch.tensor(success), p_orig=probs, p_cf=probs, target=target,
+                     n_iter=torch.zeros(5, dtype=torch.long), status=["budget"] * 5)
+        return per_query_columns(batch, cf, bundle, MetricOptions(extractor=lambda v: v.flatten(1)))
+
+    none = columns([False] * 5)  # raised IndexError before issue 22
+    for name in ("latent_closest", "coherence", "fid_features"):
+        assert none[name] == [None] * 5, name
+    assert none["coherence_neighbours"].tolist() == [0] * 5 and None not in none["lpr"]
+    # target 0: none valid; target 1: one valid, no rival; target 2: two valid, each nearer its own query.
+    some = columns([False, False, True, True, True])
+    assert some["latent_closest"] == [None, None, None, True, True]
+    assert some["coherence"][:3] == [None, None, None] and some["coherence"][3] == pytest.approx(1.0)
 
 
 def test_coherence_takes_the_largest_ratio_over_neighbours_within_eps():
@@ -106,3 +160,17 @@ def test_per_query_noise_does_not_depend_on_the_batch():
     alone = per_query_uniform(0, torch.tensor([7]), (4,), "deletion")
     assert torch.equal(both[1], alone[0]) and both.min() >= 0 and both.max() <= 1
     assert np.isfinite(both.numpy()).all()
+
+
+def test_a_metric_beyond_float32_is_null_not_inf():
+    """Coherence is computed in float64 and stored as float32: a ratio past float32's range is null."""
+    x = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]).view(2, 1, 2, 2)
+    x_cf = torch.tensor([[3e38, 0.0, 0.0, 0.0], [-3e38, 0.0, 0.0, 0.0]]).view(2, 1, 2, 2)
+    assert coherence(x, x_cf, eps=2.0)[0].min() > np.finfo(np.float32).max
+    target, probs = torch.zeros(2, dtype=torch.long), torch.full((2, 2), 0.5)
+    cf = CFBatch(x_cf=x_cf, success=torch.ones(2, dtype=torch.bool), p_orig=probs, p_cf=probs, target=target,
+                 n_iter=torch.zeros(2, dtype=torch.long), status=["ok"] * 2)
+    bundle = ModelBundle(classifier=ClassifierHandle(_Linear(), "linear", (1, 2, 2), ["a", "b"]))
+    out = per_query_columns(QueryBatch(x=x, target=target, query_id=torch.arange(2)), cf, bundle,
+                            MetricOptions(coherence_eps=2.0, deletion_steps=0))
+    assert out["coherence"] == [None, None] and out["coherence_neighbours"].tolist() == [1, 1]

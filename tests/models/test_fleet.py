@@ -1,4 +1,4 @@
-"""Fleet entries resolve to classifier handles: built-in (train-or-cache) and a user's TorchScript file."""
+"""Fleet entries resolve to classifier handles: built-in (train-or-cache) and a user's trusted TorchScript file."""
 import pytest
 import torch
 
@@ -33,7 +33,9 @@ class Linear(torch.nn.Module):
 def test_user_torchscript_entry(tmp_path):
     path = tmp_path / "clf.ts"
     torch.jit.script(Linear(10)).save(str(path))
-    handle = resolve_classifier(FleetModel(id="u", path=str(path)), DIGITS)
+    with pytest.raises(ValueError, match=r"model 'u': .*clf\.ts is a TorchScript archive.*`trust: true`"):
+        resolve_classifier(FleetModel(id="u", path=str(path)), DIGITS)
+    handle = resolve_classifier(FleetModel(id="u", path=str(path), trust=True), DIGITS)
     assert handle.meta["source"] == "file" and handle.predict(load_dataset("digits", "test").x[:3]).shape == (3,)
 
 
@@ -41,4 +43,4 @@ def test_user_model_with_wrong_class_count_is_refused(tmp_path):
     path = tmp_path / "clf.ts"
     torch.jit.script(Linear(3)).save(str(path))
     with pytest.raises(ValueError, match=r"expected \[1, 10\] logits"):
-        resolve_classifier(FleetModel(id="u", path=str(path)), DIGITS)
+        resolve_classifier(FleetModel(id="u", path=str(path), trust=True), DIGITS)

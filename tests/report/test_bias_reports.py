@@ -15,8 +15,8 @@ from engine.models.handles import ModelBundle
 from engine.report.bias import REPORTS, confounding_table, read_report, write_reports
 from engine.report.summary import audit_states, write_summary
 from engine.spec.audit import AuditSpec
-from engine.store.results import shard_uri, write_shard
 from engine.store.uri import join, write_bytes_atomic
+from tests.fixtures.results import SPEC_HASH, commit_shard
 
 METHOD = "gradual_construction"
 N = 12
@@ -34,10 +34,10 @@ def audit_out(tmp_path_factory, fair_cnn, half_cnn, confounded_cnn, shapes_oracl
                 "unit_id": model_id}
         table = explain_unit(make_method(METHOD, {"sigma": 20}), bundle, shapes_test.x[:N], torch.arange(N),
                              shapes_test.y[:N], "flip", seed=0, meta=meta, metrics=options)
-        write_shard(shard_uri(out, model_id, METHOD, 0), table)
+        commit_shard(out, model_id, METHOD, 0, table)
     spec = {"dataset": {"name": "shapes", "options": {"confounder": "marker"}},
             "metrics": {"confidence": 0.95, "bootstrap_samples": 200}}
-    write_bytes_atomic(join(out, "_job.json"), json.dumps({"spec": spec}).encode())
+    write_bytes_atomic(join(out, "_job.json"), json.dumps({"spec": spec, "spec_hash": SPEC_HASH}).encode())
     summary = write_summary(out, 0.95, 200)
     return out, write_reports(out, summary=summary)
 

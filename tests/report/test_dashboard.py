@@ -1,6 +1,7 @@
 """The self-contained HTML dashboard (issue #8) of a small audit written without Ray: two models x
 (gradual construction, and `exaggeration` through a tiny explainer, whose results carry the series `path`)."""
 import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -24,8 +25,9 @@ from engine.models.handles import ModelBundle
 from engine.report.bias import write_reports
 from engine.report.dashboard import render_dashboard
 from engine.report.summary import read_shard, write_summary
-from engine.store.results import SCHEMA_VERSION, read_series, shard_uri, write_shard
+from engine.store.results import SCHEMA_VERSION, read_series, shard_uri
 from engine.store.uri import join, write_bytes_atomic
+from tests.fixtures.results import SPEC_HASH, commit_shard
 from tests.fixtures.zoo import SHAPES
 
 N = 6
@@ -53,15 +55,15 @@ def dashboard(tmp_path_factory, fair_cnn, confounded_cnn, shapes_oracle, shapes_
                 "config_hash": "c", "unit_id": model_id}
         table = explain_unit(make_method("gradual_construction", {"sigma": 20}), bundle, shapes_test.x[:N],
                              torch.arange(N), shapes_test.y[:N], "flip", seed=0, meta=meta, metrics=options)
-        write_shard(shard_uri(out, model_id, "gradual_construction", 0), table)
+        commit_shard(out, model_id, "gradual_construction", 0, table)
         bundle = ModelBundle(classifier=handle, oracle=shapes_oracle, explainer=_tiny_explainer(handle, shapes_train))
         table = explain_unit(make_method("exaggeration"), bundle, shapes_test.x[:N], torch.arange(N),
                              shapes_test.y[:N], "flip", seed=0, meta={**meta, "method": "exaggeration"},
                              metrics=options)
-        write_shard(shard_uri(out, model_id, "exaggeration", 0), table)
+        commit_shard(out, model_id, "exaggeration", 0, table)
     spec = {"name": "dash <test>", "dataset": {"name": "shapes", "options": {**SHAPES, "confounder": "marker"}},
             "queries": {"split": "test"}, "metrics": {"confidence": 0.95, "bootstrap_samples": 100}}
-    write_bytes_atomic(join(out, "_job.json"), json.dumps({"spec": spec}).encode())
+    write_bytes_atomic(join(out, "_job.json"), json.dumps({"spec": spec, "spec_hash": SPEC_HASH}).encode())
     summary = write_summary(out, 0.95, 100)
     reports = write_reports(out, summary=summary)
     path = render_dashboard(out, max_examples=4)
@@ -158,3 +160,108 @@ def test_results_store_the_progressive_series(dashboard, fair_cnn, confounded_cn
     with pytest.raises(ValueError, match=rf"part-00000.parquet: results schema version 3, this cfaudit reads "
                                          rf"version {SCHEMA_VERSION}"):
         read_shard(str(old))
+
+
+# `$` in user names: matplotlib reads `$...$` as mathtext, where `$x^$` and `$\frac$` raise and `$\alpha$` turns
+# into a Greek letter. Every name below must be drawn character for character.
+DOLLAR_MODELS = ("a$b", "m$x^$")  # an odd number of `$`; mathtext that raises
+DOLLAR_CLASSES = ["cat $\\frac$", "100$ & $\\alpha$"]  # raises; would be drawn "100 & α"
+DOLLAR_ATTRIBUTE = "$a_$ marker"
+
+
+@contextlib.contextmanager
+def drawn_texts():
+    """Every string Agg draws inside the block, with whether it was drawn as mathtext."""
+    from unittest import mock
+
+    from matplotlib.backends.backend_agg import RendererAgg
+
+    drawn: list[tuple[str, bool]] = []
+    draw_text = RendererAgg.draw_text
+
+    def spy(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):
+        drawn.append((s, ismath))
+        return draw_text(self, gc, x, y, s, prop, angle, ismath=ismath, mtext=mtext)
+
+    with mock.patch.object(RendererAgg, "draw_text", spy):
+        yield drawn
+
+
+@pytest.fixture(scope="module")
+def dollar_dashboard(tmp_path_factory, fair_cnn, confounded_cnn, shapes_oracle, shapes_train, shapes_biased_train,
+                     shapes_test):
+    """Both methods' results for models, classes (the user's Parquet) and an oracle attribute named in mathtext;
+    returns the page and every string the figures drew, with whether it was drawn as mathtext."""
+    import pyarrow as pa
+
+    out = tmp_path_factory.mktemp("dollar")
+    blobs = []
+    for image in shapes_test.x[:N]:
+        buffer = io.BytesIO()
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+    data = out / "images.parquet"
+    pq.write_table(pa.table({"image": blobs, "label": shapes_test.y[:N].numpy(), "split": ["test"] * N}), data)
+    oracle = dataclasses.replace(shapes_oracle, class_names=[DOLLAR_ATTRIBUTE if n == "marker" else n
+                                                             for n in shapes_oracle.class_names])
+    options = MetricOptions(confounders=(DOLLAR_ATTRIBUTE,), deletion_steps=0)
+    for model_id, handle in zip(DOLLAR_MODELS, (fair_cnn, confounded_cnn)):
+        meta = {"job": "t", "spec_hash": "h", "model_id": model_id, "method": "gradual_construction",
+                "config_hash": "c", "unit_id": model_id}
+        table = explain_unit(make_method("gradual_construction", {"sigma": 20}),
+                             ModelBundle(classifier=handle, oracle=oracle, reference=shapes_biased_train),
+                             shapes_test.x[:N], torch.arange(N),
+                             shapes_test.y[:N], "flip", seed=0, meta=meta, metrics=options)
+        commit_shard(str(out), model_id, "gradual_construction", 0, table)
+        bundle = ModelBundle(classifier=handle, oracle=oracle, explainer=_tiny_explainer(handle, shapes_train))
+        table = explain_unit(make_method("exaggeration"), bundle, shapes_test.x[:N], torch.arange(N),
+                             shapes_test.y[:N], "flip", seed=0, meta={**meta, "method": "exaggeration"},
+                             metrics=options)
+        commit_shard(str(out), model_id, "exaggeration", 0, table)
+    spec = {"name": "dollar", "dataset": {"name": "parquet_images", "options": {
+        "path": str(data), "split_column": "split", "class_names": DOLLAR_CLASSES}},
+        "queries": {"split": "test"}, "metrics": {"confidence": 0.95, "bootstrap_samples": 50,
+                                                   "confounders": [DOLLAR_ATTRIBUTE]}}
+    write_bytes_atomic(join(str(out), "_job.json"), json.dumps({"spec": spec, "spec_hash": SPEC_HASH}).encode())
+    write_reports(str(out), summary=write_summary(str(out), 0.95, 50))
+    with drawn_texts() as drawn:
+        page = open(render_dashboard(str(out), max_examples=4), encoding="utf-8").read()
+    return page, drawn
+
+
+def test_dollar_signs_in_user_names_are_drawn_literally(dollar_dashboard):
+    import html
+
+    page, drawn = dollar_dashboard
+    assert drawn and not [s for s, ismath in drawn if ismath]  # no figure text went through mathtext
+    texts = [s for s, _ in drawn]
+    for model in DOLLAR_MODELS:
+        assert f"{model} / gradual_construction" in texts  # the grid's title
+        assert f"{model}: attribute drivers" in texts
+        assert f"{model} / exaggeration: progressive series" in texts
+        assert any(s.startswith(f"{model} / exaggeration (MAE ") for s in texts)  # the compatibility legend
+        assert f'data-model="{html.escape(model)}"' in page
+    for name in DOLLAR_CLASSES:  # grid titles and the series' axis labels
+        assert any(f": {name}" in s for s in texts), name
+        assert any(f"→ {name}" in s for s in texts), name
+    assert DOLLAR_ATTRIBUTE in texts  # a tick label of the drivers chart
+    assert html.escape(DOLLAR_ATTRIBUTE) in page
+    images = re.findall(r'<img [^>]*src="data:image/png;base64,', page)
+    assert len(images) == len(DOLLAR_MODELS) * len(METHODS) + 2 * len(DOLLAR_MODELS) + 1
+
+
+def test_sweep_page_draws_knob_values_literally(tmp_path):
+    """A categorical knob's values label the trade-off curve's x axis; `$` in them is text too."""
+    import polars as pl
+
+    from engine.report.sweep_page import render_sweep_page
+
+    values = ["l1", "$x^$", "a$b"]
+    spec = {"name": "s", "space": {"loss": {"choice": values}}, "objectives": [{"metric": "validity", "mode": "max"}]}
+    write_bytes_atomic(join(str(tmp_path), "_sweep.json"), json.dumps({"spec": spec}).encode())
+    pl.DataFrame({"trial_id": ["t0", "t1", "t2"], "status": ["TERMINATED"] * 3, "loss": values,
+                  "validity": [0.5, 0.7, 0.9]}).write_parquet(tmp_path / "trials.parquet")
+    with drawn_texts() as drawn:
+        page = open(render_sweep_page(str(tmp_path)), encoding="utf-8").read()
+    assert page.count('<figure class="tradeoff" data-knob="loss">') == 1
+    assert {("$x^$", False), ("a$b", False)} <= set(drawn)  # tick labels, as given

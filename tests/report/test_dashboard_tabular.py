@@ -14,8 +14,8 @@ from engine.models.zoo import get_or_train
 from engine.report.bias import write_reports
 from engine.report.dashboard import render_dashboard
 from engine.report.summary import write_summary
-from engine.store.results import shard_uri, write_shard
 from engine.store.uri import join, write_bytes_atomic
+from tests.fixtures.results import SPEC_HASH, commit_shard
 
 
 def test_tabular_examples_are_records_with_their_changes(tmp_path):
@@ -31,10 +31,10 @@ def test_tabular_examples_are_records_with_their_changes(tmp_path):
     table = explain_unit(make_method("gradual_construction", {"tau": 0.5, "sigma": 50}), bundle, test.x[:8],
                          torch.arange(8), test.y[:8], "flip", seed=0, meta=meta,
                          metrics=MetricOptions(deletion_steps=0))
-    write_shard(shard_uri(out, model_id, "gradual_construction", 0), table)
+    commit_shard(out, model_id, "gradual_construction", 0, table)
     spec = {"name": "tab", "dataset": {"name": "german_credit", "options": {}}, "queries": {"split": "test"},
             "metrics": {"confidence": 0.95, "bootstrap_samples": 50}}
-    write_bytes_atomic(join(out, "_job.json"), json.dumps({"spec": spec}).encode())
+    write_bytes_atomic(join(out, "_job.json"), json.dumps({"spec": spec, "spec_hash": SPEC_HASH}).encode())
     write_reports(out, summary=write_summary(out, 0.95, 50))
     html = open(render_dashboard(out, max_examples=4), encoding="utf-8").read()
     block = re.search(r'<figure class="records".*?</figure>', html, re.S).group(0)

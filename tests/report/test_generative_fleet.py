@@ -20,8 +20,8 @@ from engine.metrics.per_query import MetricOptions
 from engine.models.handles import ModelBundle
 from engine.report.bias import write_reports
 from engine.report.summary import write_summary
-from engine.store.results import shard_uri, write_shard
 from engine.store.uri import join, write_bytes_atomic
+from tests.fixtures.results import SPEC_HASH, commit_shard
 
 METHODS = ("aip", "introspection")  # paper defaults (AIP's images settings, introspection's 8 λ rounds)
 N = 16
@@ -39,10 +39,10 @@ def reports(tmp_path_factory, fair_cnn, half_cnn, confounded_cnn, shapes_oracle,
                     "unit_id": f"{model_id}-{method}"}
             table = explain_unit(make_method(method), bundle, shapes_test.x[:N], torch.arange(N), shapes_test.y[:N],
                                  "flip", seed=0, meta=meta, metrics=options)
-            write_shard(shard_uri(out, model_id, method, 0), table)
+            commit_shard(out, model_id, method, 0, table)
     spec = {"dataset": {"name": "shapes", "options": {"confounder": "marker"}},
             "metrics": {"confidence": 0.95, "bootstrap_samples": 200}}
-    write_bytes_atomic(join(out, "_job.json"), json.dumps({"spec": spec}).encode())
+    write_bytes_atomic(join(out, "_job.json"), json.dumps({"spec": spec, "spec_hash": SPEC_HASH}).encode())
     return write_reports(out, summary=write_summary(out, 0.95, 200))
 
 

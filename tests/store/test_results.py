@@ -5,9 +5,10 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from engine.store.results import (SCHEMA_VERSION, commit_unit, finished_units, result_files, rows_to_table,
-                                  shard_uri, write_shard)
-from engine.store.uri import read_bytes
+from engine.store.commit import Claim
+from engine.store.results import (SCHEMA_VERSION, finished_units, result_files, rows_to_table, shard_uri, write_shard,
+                                  write_unit)
+from engine.store.uri import read_bytes, write_bytes_atomic
 
 
 def make_table(n=3, shape=(3, 4, 4), k=2):
@@ -36,16 +37,23 @@ def test_roundtrip_pyarrow_and_polars(tmp_path):
     assert df.height == 3 and df["schema_version"].to_list() == [SCHEMA_VERSION] * 3
     assert df["status"].to_list() == ["ok", "budget", "ok"]
     assert [f for f in os.listdir(os.path.dirname(uri))] == ["part-00003.parquet"]  # no temporary left
+    write_bytes_atomic(str(tmp_path / "_job.json"), b'{"spec_hash": "h"}')
     assert finished_units(str(tmp_path)) == set()  # written, not yet committed: it would run again
-    commit_unit(str(tmp_path), "m", "wachter", 3, {"rows": 3})
+    assert result_files(str(tmp_path)) == []  # and readers do not take it
+    with Claim(str(tmp_path), "run-1").acquire() as claim:
+        write_unit(str(tmp_path), table, model_id="m", method="wachter", part=3, query_ids=np.arange(3),
+                   spec_hash="h", run_id=claim.run_id)
     assert finished_units(str(tmp_path)) == {("m", "wachter", 3)}
+    assert result_files(str(tmp_path)) == [uri]
 
 
 def test_memory_filesystem():
     table, _ = make_table()
     out = "memory://cfaudit-test-store"
-    write_shard(shard_uri(out, "m", "gc", 0), table)
-    commit_unit(out, "m", "gc", 0, {"rows": 3})
+    write_bytes_atomic(out + "/_job.json", b'{"spec_hash": "h"}')
+    with Claim(out, "run-1").acquire():
+        write_unit(out, table, model_id="m", method="gc", part=0, query_ids=np.arange(3), spec_hash="h",
+                   run_id="run-1")
     assert finished_units(out) == {("m", "gc", 0)}
     assert len(result_files(out)) == 1
     assert len(read_bytes(result_files(out)[0])) > 100
