@@ -13,8 +13,16 @@ import pytest
 from engine.store.commit import (Claim, ClaimError, CorruptShard, check_run, check_unclaimed, output_state,
                                  read_record, remove_temporaries)
 from engine.store.results import finished_units, result_files, shard_uri, write_shard, write_unit
-from engine.store.uri import write_bytes_atomic
+from engine.store.uri import filesystem, read_bytes, write_bytes_atomic
 from tests.store.test_results import make_table
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """A directory for outputs: local, or a fresh prefix on the local S3 server."""
+    if request.param == "local":
+        return str(tmp_path)
+    return request.getfixturevalue("s3").url(f"commit-{os.path.basename(str(tmp_path))}")
 
 
 def _output(out: str, units=((0, "h"),), spec_hash: str = "h") -> str:
@@ -27,33 +35,32 @@ def _output(out: str, units=((0, "h"),), spec_hash: str = "h") -> str:
     return out
 
 
-def test_glob_characters_in_the_output_path_read_only_that_output(tmp_path):
+def test_glob_characters_in_the_output_path_read_only_that_output(root):
     # Old: result_files('/x/out[1]') globbed and listed /x/out1's shards.
-    _output(str(tmp_path / "out1"))
-    odd = str(tmp_path / "out[1]")
+    _output(f"{root}/out1")
+    odd = f"{root}/out[1]"
     assert result_files(odd) == [] and finished_units(odd) == set()
     _output(odd, units=((5, "h"),))
     assert [os.path.basename(f) for f in result_files(odd)] == ["part-00005.parquet"]
     assert finished_units(odd) == {("m", "wachter", 5)}
 
 
-def test_a_truncated_shard_is_named_and_its_unit_runs_again(tmp_path):
+def test_a_truncated_shard_is_named_and_its_unit_runs_again(root):
     # Old: the manifest said done, `cfaudit report` failed with pyarrow's message and no file name.
-    out = _output(str(tmp_path / "out"), units=((0, "h"), (1, "h")))
+    out = _output(f"{root}/out", units=((0, "h"), (1, "h")))
     shard = shard_uri(out, "m", "wachter", 1)
-    with open(shard, "r+b") as fh:
-        fh.truncate(100)
+    write_bytes_atomic(shard, read_bytes(shard)[:100])
     assert finished_units(out) == {("m", "wachter", 0)}  # unit 1 is no longer done: a resume re-runs it
     with pytest.raises(CorruptShard, match=r"(?s)part-00001\.parquet: its shard has 100 bytes.*re-run the audit"):
         result_files(out)
 
 
-def test_a_shard_corrupted_in_place_fails_its_digest(tmp_path):
-    out = _output(str(tmp_path / "out"))
+def test_a_shard_corrupted_in_place_fails_its_digest(root):
+    out = _output(f"{root}/out")
     shard = shard_uri(out, "m", "wachter", 0)
-    data = bytearray(open(shard, "rb").read())
+    data = bytearray(read_bytes(shard))
     data[len(data) // 2] ^= 0xFF  # same size, other bytes
-    open(shard, "wb").write(bytes(data))
+    write_bytes_atomic(shard, bytes(data))
     assert output_state(out, "h").committed  # size alone cannot tell
     state = output_state(out, "h", verify=True)
     assert not state.committed and "SHA-256" in state.problems[("m", "wachter", 0)]
@@ -62,25 +69,26 @@ def test_a_shard_corrupted_in_place_fails_its_digest(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"{not json", b"[]", b'{"rows": 3}'])
-def test_a_broken_manifest_entry_is_not_a_finished_unit(tmp_path, content):
+def test_a_broken_manifest_entry_is_not_a_finished_unit(root, content):
     # Old: any file under manifest/ counted as done, whatever it held.
-    out = _output(str(tmp_path / "out"))
+    out = _output(f"{root}/out")
     write_bytes_atomic(f"{out}/manifest/model=m/method=wachter/part-00000.json", content)
     assert finished_units(out) == set()
     assert ("m", "wachter", 0) in output_state(out, "h").problems
 
 
-def test_a_missing_shard_is_reported_not_silently_dropped(tmp_path):
-    out = _output(str(tmp_path / "out"), units=((0, "h"), (1, "h")))
-    os.remove(shard_uri(out, "m", "wachter", 0))
+def test_a_missing_shard_is_reported_not_silently_dropped(root):
+    out = _output(f"{root}/out", units=((0, "h"), (1, "h")))
+    fs, path = filesystem(shard_uri(out, "m", "wachter", 0))
+    fs.rm_file(path)
     assert finished_units(out) == {("m", "wachter", 1)}
     with pytest.raises(CorruptShard, match="part-00000.parquet: its shard is missing"):
         result_files(out)
 
 
-def test_readers_take_only_committed_shards_of_the_outputs_spec(tmp_path):
+def test_readers_take_only_committed_shards_of_the_outputs_spec(root):
     # Old: readers read every part-*.parquet, committed or not, whatever its spec_hash.
-    out = _output(str(tmp_path / "out"), units=((0, "h"), (1, "other-spec")))
+    out = _output(f"{root}/out", units=((0, "h"), (1, "other-spec")))
     write_shard(shard_uri(out, "m", "wachter", 2), make_table()[0])  # a shard without a commit
     assert [os.path.basename(f) for f in result_files(out)] == ["part-00000.parquet"]
     assert finished_units(out) == {("m", "wachter", 0)}
@@ -88,16 +96,16 @@ def test_readers_take_only_committed_shards_of_the_outputs_spec(tmp_path):
 
 @pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"[]", "holds a JSON list"),
                                               (b"{oops", "is not valid JSON")])
-def test_a_damaged_job_record_names_its_file(tmp_path, content, message):
+def test_a_damaged_job_record_names_its_file(root, content, message):
     # Old: "Expecting value: line 1 column 1" with no file name; `[]` escaped as a traceback.
-    write_bytes_atomic(str(tmp_path / "_job.json"), content)
+    write_bytes_atomic(f"{root}/_job.json", content)
     with pytest.raises(ValueError, match=rf"(?s)_job\.json: the job record {message}.*overwrite: true"):
-        read_record(str(tmp_path / "_job.json"), "job record")
+        read_record(f"{root}/_job.json", "job record")
 
 
-def test_only_one_run_claims_an_output(tmp_path):
+def test_only_one_run_claims_an_output(root):
     # Old: two runs could claim one output (check-then-write).
-    out = str(tmp_path / "out")
+    out = f"{root}/out"
     first = Claim(out, "run-a").acquire()
     try:
         with pytest.raises(ClaimError, match="being written by run run-a"):
@@ -109,7 +117,7 @@ def test_only_one_run_claims_an_output(tmp_path):
             check_run(out, "run-b")
     finally:
         first.release()
-    assert not os.path.exists(f"{out}/_lock.json")
+    assert not filesystem(out)[0].exists(filesystem(f"{out}/_lock.json")[1])
     Claim(out, "run-b").acquire().release()
 
 
@@ -145,15 +153,3 @@ def test_temporaries_of_killed_writers_are_removed(tmp_path):
     stale.write_bytes(b"half a file")
     assert remove_temporaries(out) == 1 and not stale.exists()
     assert finished_units(out) == {("m", "wachter", 0)}
-
-
-def test_exclusive_claim_on_s3(s3):
-    out = s3.url("claimed")
-    first = Claim(out, "run-a").acquire()
-    try:
-        with pytest.raises(ClaimError, match="run-a"):
-            Claim(out, "run-b").acquire()
-    finally:
-        first.release()
-    _output(out)
-    assert [f.rsplit("/", 1)[1] for f in result_files(out)] == ["part-00000.parquet"]
