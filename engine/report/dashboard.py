@@ -40,6 +40,10 @@ th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .note{color:#555;font-size:13px}.grids{display:flex;flex-wrap:wrap;gap:16px}
 figure{margin:0}figcaption{font-size:13px;color:#333}img{max-width:100%;height:auto}
 """
+# Every figure is drawn under these settings: model ids, class and attribute names are the user's and may hold
+# `$`, which matplotlib otherwise reads as mathtext (`$x^$` raises, `$\alpha$` becomes α); here text is drawn
+# as given. (No chart of the dashboard has a log axis, whose tick labels are mathtext.)
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False, "axes.formatter.use_mathtext": False}
 
 
 def _esc(value: Any) -> str:
@@ -309,6 +313,11 @@ def render_dashboard(out: str, max_examples: int = 6) -> str:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
+    with matplotlib.rc_context(LITERAL_TEXT):
+        return _write_page(out, max_examples)
+
+
+def _write_page(out: str, max_examples: int) -> str:
     spec = _job_spec(out)
     fleet, summary, attributes = _read(out, "fleet"), _read(out, "summary"), _read(out, "attributes")
     shards = _shards(out)

@@ -71,7 +71,7 @@ def _tradeoff(done: pl.DataFrame, knob: str, entry: dict[str, Any], objectives: 
         if log:
             ax.set_xscale("log")
         if labels is not None:
-            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7, parse_math=False)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"trade-off of {knob}", fontsize=9, parse_math=False)
     fig.tight_layout()

@@ -167,6 +167,8 @@ class RuntimeSpec(Strict):
     num_cpus_per_actor: float = Field(default=1, gt=0)
     num_gpus_per_actor: float = Field(default=0, ge=0)
     max_retries: int = Field(default=2, ge=0, description="re-runs of a unit that raised, before it is recorded failed")
+    host_start_timeout_s: float = Field(default=600, gt=0, description="seconds a model host may take to start "
+                                        "(the cluster finding room for it, then its constructor); past it the job ends")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     include_dashboard: bool = False
     cache_dir: Optional[str] = None

@@ -48,15 +48,37 @@ def parse_spec(model: type[M], data: Any, source: str = "<spec>") -> M:
         raise SpecError(f"{source}: invalid spec\n" + "\n".join(lines)) from None
 
 
+class AliasRefused(yaml.MarkedYAMLError):
+    """A YAML alias (`*name`) in a spec; problem_mark is where it stands."""
+
+
+class SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases. An alias repeats its anchor's subtree by reference, so a few hundred
+    bytes of nested aliases ("billion laughs") expand to gigabytes once the spec is validated, hashed or
+    written back as JSON. Anchors alone repeat nothing and load as before."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise AliasRefused(problem=f"alias *{event.anchor}", problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document with SpecLoader; a syntax error or an alias raises SpecError naming its position."""
+    try:
+        return yaml.load(text, Loader=SpecLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(err, AliasRefused):
+            raise SpecError(f"{source}: YAML {err.problem}{where}: anchors/aliases (`&name` / `*name`) are not "
+                            "allowed in cfaudit specs; write the repeated value out in full") from None
+        raise SpecError(f"{source}: YAML syntax error{where}: {getattr(err, 'problem', err)}") from None
+
+
 def load_spec(model: type[M], path: str | Path) -> M:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"Spec file not found: {path}")
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"{path}: YAML syntax error{where}: {getattr(err, 'problem', err)}") from None
-    return parse_spec(model, data, source=str(path))
+    return parse_spec(model, read_yaml(path.read_text(), str(path)), source=str(path))

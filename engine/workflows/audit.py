@@ -110,26 +110,29 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         digests.update({name: weights_digest(model.module) for name, model in
                         (("generator", generator), ("oracle", oracle)) if model is not None})
     with stages.stage("plan"):
-        claim = claim_output(spec, units, digests, log)
+        claim = claim_output(spec, units, digests, log)  # this run's from here on: released when it ends
+        try:
+            if extractor is not None:
+                write_fid_reference(spec, extractor, queries_data, log)
+            todo = units_to_run(spec, units, log)
+        except BaseException:
+            claim.release()
+            raise
+        log(f"  {len(units)} units ({len(spec.fleet)} models x {len(spec.methods)} methods, batch "
+            f"{spec.runtime.batch_size}); {len(units) - len(todo)} already done")
     try:
-        return _run(spec, claim, units, stages, queries_data, extractor, fid, log, progress)
+        return _run(spec, claim, units, todo, stages, fid, log, progress)
     finally:
         claim.release()
 
 
-def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], stages: Stages, queries_data, extractor, fid,
+def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUnit], stages: Stages, fid,
          log: Callable[[str], None], progress: bool) -> AuditResult:
     """The claimed part of an audit: the units still to run, through Ray, then the reports."""
     from engine.report.bias import fleet_headline, write_reports
     from engine.report.dashboard import render_dashboard
     from engine.report.summary import audit_states, headline, write_summary
 
-    with stages.stage("plan"):
-        if extractor is not None:
-            write_fid_reference(spec, extractor, queries_data, log)
-        todo = units_to_run(spec, units, log)
-        log(f"  {len(units)} units ({len(spec.fleet)} models x {len(spec.methods)} methods, batch "
-            f"{spec.runtime.batch_size}); {len(units) - len(todo)} already done")
     result = AuditResult(spec.output, len(units), len(units) - len(todo), 0)
     if todo:
         with stages.stage("explain"):
@@ -163,68 +166,6 @@ def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], stages: Stages, q
     return result
 
 
-class HostStartError(ValueError):
-    """No model host can start: its constructor raises, its process dies in it, or the cluster has no room."""
-
-
-class HostProbe:
-    """A ModelHost built alone, outside Ray Data's pool; keeps what its constructor raised (the host is dropped)."""
-
-    def __init__(self, host_cls: type, kwargs: dict) -> None:
-        try:
-            host_cls(**kwargs)
-            self.error = ""
-        except Exception as err:  # noqa: BLE001 - the driver reports it as the reason no host can start
-            self.error = f"{type(err).__name__}: {err}"
-
-    def raised(self) -> str:
-        return self.error
-
-
-def probe_host(host_cls: type, kwargs: dict, resources: dict, attempts: int, timeout_s: float) -> None:
-    """Start one host as an actor Ray never restarts, then stop it; raise HostStartError if it cannot start.
-
-    Ray Data's pool runs its hosts with max_restarts=-1 (so a host killed on one unit is replaced), and Ray
-    restarts an actor whose process died in its constructor just the same: forever, and the job never ends.
-    Here a constructor that raises ends the job at once, a process that dies in it `attempts` times ends it
-    then, and a host not up within timeout_s (no room in the cluster, a constructor that hangs) at the deadline.
-    """
-    import time
-
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    for _ in range(attempts):
-        probe = ray.remote(HostProbe).options(max_restarts=0, **resources).remote(host_cls, kwargs)
-        try:
-            error = ray.get(probe.raised.remote(), timeout=max(deadline - time.monotonic(), 0.001))
-        except ray.exceptions.GetTimeoutError:
-            raise HostStartError(f"the model host did not start within {timeout_s:g} s "
-                                 f"(runtime.host_start_timeout_s): the cluster has no room for one "
-                                 f"({resources}), or its constructor hangs") from None
-        except ray.exceptions.RayActorError:
-            continue  # its process died in the constructor
-        finally:
-            ray.kill(probe)
-        if error:
-            raise HostStartError(f"the model host could not start: its constructor raised {error}")
-        return
-    raise HostStartError(f"the model host could not start: its process died {attempts} times in its constructor "
-                         "(killed, out of memory, or a crash in native code; runtime.max_retries + 1 attempts)")
-
-
-def pool_rows(out, timeout_s: float, hosts: int):
-    """out.iter_rows(); the pool's start timeout (DataContext.wait_for_min_actors_s) as a HostStartError."""
-    import ray
-
-    try:
-        yield from out.iter_rows()
-    except ray.exceptions.GetTimeoutError:
-        raise HostStartError(f"the {hosts} model host(s) did not all start within {timeout_s:g} s "
-                             "(runtime.host_start_timeout_s): the cluster has no room for them (lower "
-                             "runtime.num_actors), or their processes die while starting") from None
-
-
 def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: AuditResult,
               log: Callable[[str], None], progress: bool) -> None:
     """Fan the units out to an actor pool of ModelHosts (Ray Data); count what each reported in `result`."""
@@ -234,6 +175,7 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: A
 
     from engine.runtime.cluster import start_ray
     from engine.runtime.host import ModelHost
+    from engine.runtime.host_start import pool_rows, probe_host
 
     start_ray(spec.runtime.address, include_dashboard=spec.runtime.include_dashboard)
     context = ray.data.DataContext.get_current()
@@ -243,7 +185,7 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: A
     context.max_errored_blocks = -1
     # Every host of the pool must be up within the start timeout, else the job ends; probe_host below ends it
     # sooner when a host's constructor raises or its process dies in it every time.
-    start_timeout_s = getattr(spec.runtime, "host_start_timeout_s", 600.0)  # TODO: spec.runtime.host_start_timeout_s
+    start_timeout_s = spec.runtime.host_start_timeout_s
     context.wait_for_min_actors_s = start_timeout_s  # typed int, used as ray.get's timeout
     rows = [unit_descriptor(u) for u in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(

@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import yaml
 
 from engine.data import dataset_fingerprint, load_dataset
 from engine.models.fleet import resolve_classifier
 from engine.spec import AuditSpec, SpecError, load_spec
+from engine.spec.loading import read_yaml
 from engine.spec.train import DEFAULT_ARCH, TrainSpec
 from engine.workflows.stages import Stages
 
@@ -75,9 +75,9 @@ def train_fleet(spec: AuditSpec, log: Callable[[str], None] = print) -> None:
 def train_from_file(path: str | Path, log: Callable[[str], None] = print) -> None:
     """A train spec (top-level `models`) or an audit spec (top-level `fleet`: its built-in models)."""
     try:
-        top = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-    except yaml.YAMLError:
-        top = None  # load_spec reports the syntax error with its position
+        top = read_yaml(Path(path).read_text(), str(path)) if Path(path).is_file() else None
+    except SpecError:
+        top = None  # load_spec reports the syntax error or alias with its position
     if isinstance(top, dict) and "fleet" in top:
         train_fleet(load_spec(AuditSpec, path), log)
     else:
