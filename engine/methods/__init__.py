@@ -7,5 +7,6 @@ from engine.methods import cdeepex, xgem  # noqa: E402,F401  isort: skip
 from engine.methods import introspection  # noqa: E402,F401  isort: skip
 from engine.methods import aip, fgsm  # noqa: E402,F401  isort: skip
 from engine.methods import exaggeration  # noqa: E402,F401  isort: skip
+from engine.methods import growing_spheres  # noqa: E402,F401  isort: skip
 
 __all__ = ["Method", "config_hash", "get_method_class", "make_config", "make_method", "method_names", "register"]

@@ -29,6 +29,9 @@ class Method:
     # What CFBatch.explanation holds: "difference" (x_cf − x, or G(z0) − G(z_cf) for latent methods) or
     # "saliency" (a relevance map in [0, 1], Progressive Exaggeration §4.3).
     explanation_kind: ClassVar[str] = "difference"
+    # True when the method follows d logits / d x (or through a generator): refused for a classifier whose
+    # handle says it is not differentiable (a tree ensemble). A gradient-free method sets it to False.
+    needs_gradients: ClassVar[bool] = True
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         self.config = make_config(self.name, overrides, base=config)
@@ -38,6 +41,11 @@ class Method:
 
     def check_models(self, models: ModelBundle) -> None:
         """Raise ValueError naming what is missing for this method."""
+        if self.needs_gradients and not models.classifier.differentiable:
+            free = sorted(n for n, c in _REGISTRY.items() if not c.needs_gradients) or ["growing_spheres"]
+            raise ValueError(f"Method {self.name!r} follows the classifier's gradients, but model "
+                             f"{models.classifier.model_id!r} is not differentiable (its gradients are zero or "
+                             f"undefined, as a tree ensemble's); use a gradient-free method instead: {free}")
         if "reference" in self.requires and models.reference is None:
             raise ValueError(f"Method {self.name!r} needs reference training samples (ModelBundle.reference)")
         if "generator" in self.requires and models.generator is None:

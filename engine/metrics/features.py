@@ -192,7 +192,8 @@ def domain_extractor(dataset_name: str, dataset_options: Optional[dict] = None, 
     if data.kind != "image":
         raise ValueError(f"Domain features need an image dataset but {dataset_name!r} is {data.kind!r}")
     tk = dict(DOMAIN_TRAIN_KWARGS if train_kwargs is None else train_kwargs)
-    module, info = get_or_train("classifier", arch, {}, data, dataset_fingerprint(data), tk, seed, cache_dir)
+    module, info = get_or_train("classifier", arch, {}, data, dataset_fingerprint(data), tk, seed, cache_dir,
+                                log=log, stage="domain FID network")
     name = f"domain:{dataset_name}:{info['key'][:12]}"
     log(f"domain feature extractor {name}: {arch} on {len(data)} {dataset_name} training images, "
         f"{'cache hit' if info['cache_hit'] else 'trained'} in {time.perf_counter() - start:.1f}s")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.metrics.frechet import FrechetState
+from engine.progress import Log, Progress
 from engine.store.uri import exists, join, read_bytes, write_bytes_atomic
 
 
@@ -56,11 +57,24 @@ def build_extractor(choice: FidChoice, dataset_name: str, dataset_options: dict,
     return domain_extractor(dataset_name, dataset_options, cache_dir, device, log)
 
 
-def reference_state(extractor, x: torch.Tensor, samples: int, seed: int) -> FrechetState:
-    """Features of `samples` real images drawn (seeded, without replacement) from x [N, C, H, W]."""
+def reference_state(extractor, x: torch.Tensor, samples: int, seed: int, log: Log = None) -> FrechetState:
+    """Features of `samples` real images drawn (seeded, without replacement) from x [N, C, H, W].
+
+    Fed to the extractor in chunks of its own batch size (the same batches as one call), so `log` can get
+    progress lines without changing a feature.
+    """
     generator = torch.Generator().manual_seed(int(seed))
     index = torch.randperm(x.shape[0], generator=generator)[:min(samples, x.shape[0])]
-    return FrechetState.of(extractor(x[index]).double().cpu().numpy())
+    chunk = max(1, int(getattr(extractor, "batch_size", len(index) or 1)))
+    if len(index) <= chunk:
+        return FrechetState.of(extractor(x[index]).double().cpu().numpy())
+    progress = Progress("FID reference", log, len(index), unit="images")
+    features = []
+    for i in range(0, len(index), chunk):
+        features.append(extractor(x[index[i:i + chunk]]))
+        progress.update(len(features[-1]))
+    progress.close()
+    return FrechetState.of(torch.cat(features).double().cpu().numpy())
 
 
 def reference_uri(out: str) -> str:

@@ -32,6 +32,7 @@ from engine.data.base import ArrayDataset
 from engine.models.cache import CODE_VERSION, ModelCache, cache_key
 from engine.models.explainer import Explainer, ProjectionDiscriminator
 from engine.models.training import seeded
+from engine.progress import Progress
 
 KIND = "exaggeration"
 # Training arguments that place the run but do not change the trained weights (not in the cache key).
@@ -258,6 +259,7 @@ def run_training(classifier: nn.Module, x: torch.Tensor, value_range: tuple[floa
     sums: dict[str, float] = {}
     d_loss, counted = torch.zeros(()), 0
     interval = max(1, min(100, cfg.steps // 10 or 1))
+    progress = Progress("explainer", log if rank == 0 else None, cfg.steps, done=step)
     try:
         while step < cfg.steps:
             g = _step_generator(seed, step, rank, 0)
@@ -300,18 +302,20 @@ def run_training(classifier: nn.Module, x: torch.Tensor, value_range: tuple[floa
             for key, v in values.items():
                 sums[key] = sums.get(key, 0.0) + v
             counted += 1
+            shown: dict[str, float] = {}  # the progress line's figures: the last logging interval's means
             if step % interval == 0 or step == cfg.steps:
                 n, counted = counted, 0
                 history.append({"step": step, **{key: v / n for key, v in sums.items()}})
                 sums = {}
-                log("  explainer step {step}: ".format(step=step) + ", ".join(
-                    f"{key} {v:.4g}" for key, v in history[-1].items() if key != "step"))
+                shown = {key: v for key, v in history[-1].items() if key != "step"}
+            progress.update(1, **shown)
             if callback is not None:
                 callback(step, values)
             if checkpoint_uri and step % checkpoint_every == 0:
                 save()
         if checkpoint_uri and (ckpt is None or int(ckpt["step"]) != step):
             save()
+        progress.close()
     finally:
         for p in frozen:
             p.requires_grad_(True)

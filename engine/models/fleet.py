@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.data import dataset_fingerprint, load_dataset
 from engine.data.base import ArrayDataset
+from engine.models.adapters import adapt_classifier
 from engine.models.handles import ClassifierHandle, GeneratorHandle
 from engine.spec.audit import DatasetRef, ExplainerEntry, FleetModel, GeneratorEntry, OracleEntry
 
@@ -30,7 +31,7 @@ def resolve_classifier(entry: FleetModel, dataset: DatasetRef, cache_dir: Option
         train = entry.train
         module, info = get_or_train(
             "classifier", train.arch, train.arch_options, data, dataset_fingerprint(data), train.train_kwargs(),
-            train.seed, cache_dir)
+            train.seed, cache_dir, log=log, stage=f"model {entry.id}")
         meta = {"source": "builtin", "cache_key": info["key"], "cache_hit": info["cache_hit"],
                 "train_dataset": data.name, "train_options": {**dataset.options, **train.dataset_options}}
         log(f"  model {entry.id}: {'cache hit' if info['cache_hit'] else 'trained'} "
@@ -43,6 +44,8 @@ def resolve_classifier(entry: FleetModel, dataset: DatasetRef, cache_dir: Option
         input_shape, class_names, value_range = data.input_shape, data.class_names, data.value_range
         meta = {"source": "file", "path": entry.path}
         log(f"  model {entry.id}: loaded {entry.path} ({time.perf_counter() - start:.1f}s)")
+    # The entry's `input:` / `output:` go inside the classifier: methods see the data's space and logits.
+    module = adapt_classifier(module, entry.input, entry.output, input_shape, len(class_names), entry.id)
     module = eval_mode(module.to(device))
     for p in module.parameters():
         p.requires_grad_(False)
@@ -63,7 +66,7 @@ def _train_aux(kind: str, arch: str, train, dataset: DatasetRef, cache_dir: Opti
     data = load_dataset(dataset.name, "train", **{**dataset.options, **train.dataset_options})
     start = time.perf_counter()
     module, info = get_or_train(kind, arch, train.arch_options, data, dataset_fingerprint(data),
-                                train.train_kwargs(), train.seed, cache_dir)
+                                train.train_kwargs(), train.seed, cache_dir, log=log)
     log(f"  {kind}: {'cache hit' if info['cache_hit'] else 'trained'} ({time.perf_counter() - start:.1f}s, "
         f"key {info['key'][:12]})")
     return module, data, {"source": "builtin", "cache_key": info["key"]}

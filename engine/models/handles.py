@@ -12,7 +12,11 @@ from engine.data.base import ArrayDataset
 
 @dataclass
 class ClassifierHandle:
-    """A classifier `x [B, *input_shape] -> logits [B, K]` in eval mode."""
+    """A classifier `x [B, *input_shape] -> logits [B, K]` in eval mode.
+
+    differentiable: False when d logits / d x is zero or undefined (a tree ensemble compiled by hummingbird);
+    methods that follow gradients refuse such a model (Method.needs_gradients).
+    """
 
     module: nn.Module
     model_id: str
@@ -20,6 +24,7 @@ class ClassifierHandle:
     class_names: list[str]
     value_range: tuple[float, float] = (0.0, 1.0)
     meta: dict = field(default_factory=dict)
+    differentiable: bool = True
 
     @property
     def num_classes(self) -> int:

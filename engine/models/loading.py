@@ -1,7 +1,8 @@
 """Loading of users' models, and the classifier handle check.
 
-Accepted forms. Only the first runs no code from the file; the others need `trust=True` (`trust: true` on the
-spec entry), checked from the file's zip listing before anything in it is deserialised:
+Accepted forms. A state dict and an ONNX file run no code from the file; TorchScript, torch.export and pickles
+need `trust=True` (`trust: true` on the spec entry), checked from the file's zip listing before anything in it
+is deserialised; a skops file needs it only when it holds types skops does not trust:
 - a state dict (`torch.save(model.state_dict())`, or a checkpoint dict holding one under `state_dict` /
   `model_state_dict` / `model`) plus a factory `"package.module:callable"` that builds the module; read with
   `torch.load(weights_only=True)`. The factory imports and runs the user's own Python code: naming it in a
@@ -13,6 +14,13 @@ spec entry), checked from the file's zip listing before anything in it is deseri
   `use_pickle` (weights, constants), so a crafted file runs code. Its graph was captured in the mode it was
   exported in, so `.eval()` is not called on it (torch does not support it).
 - a full pickled module (`torch.save(model)`), loaded with `torch.load(weights_only=False)`: runs code.
+- ONNX (`format: onnx`, or a `.onnx` path), converted by onnx2torch into a differentiable torch module. ONNX is
+  a protobuf of operators and tensors, with no executable Python, so it loads without `trust`.
+- a scikit-learn / LightGBM / XGBoost (sklearn API) classifier saved with `skops.io.dump` (`format: sklearn`,
+  or a skops archive), compiled by hummingbird into a torch module that is not differentiable. skops builds
+  only the types it trusts; the types it reports as untrusted are allowed, by name, only with `trust`. A
+  pickle or joblib file of an estimator is refused, never unpickled.
+ONNX and skops loading is in engine.models.frameworks (optional packages: the `frameworks` extra).
 Paths are local paths or fsspec URIs (`s3://...`, `memory://...`).
 """
 from __future__ import annotations
@@ -29,11 +37,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from engine.models.adapters import describe, input_hint
+from engine.models.frameworks import is_skops, load_onnx, load_sklearn, onnx_base_dir
 from engine.models.handles import ClassifierHandle
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "torchscript", "export", "state_dict", "pickle")
+FORMATS = ("auto", "torchscript", "export", "state_dict", "pickle", "onnx", "sklearn")
 # Formats whose loading can execute code from the file, as named in messages.
 CODE_FORMATS = {"torchscript": "a TorchScript archive", "export": "a torch.export (.pt2) archive",
                 "pickle": "a pickle of Python objects (e.g. a whole module saved with torch.save(model))"}
@@ -126,7 +136,8 @@ def _check_trust(path: PathLike, model_id: Optional[str], kind: str, requested: 
 
 def _not_a_model(path: PathLike, err: Exception) -> ValueError:
     return ValueError(f"{os.fspath(path)} is not a TorchScript, torch.export or torch.save file "
-                      f"({type(err).__name__} while reading it)")
+                      f"({type(err).__name__} while reading it); an ONNX file needs `format: onnx`, a "
+                      f"scikit-learn, LightGBM or XGBoost model saved with skops `format: sklearn`")
 
 
 def _extract_state_dict(obj: Any, path: PathLike) -> dict[str, torch.Tensor]:
@@ -159,11 +170,13 @@ def load_module(path: PathLike, *, format: str = "auto", factory: Union[str, Cal
                 allow_pickle: Optional[bool] = None, model_id: Optional[str] = None) -> nn.Module:
     """Load a user's model from `path` (see the module docstring for the forms); returned in eval mode on CPU.
 
-    format: "auto" (by content: TorchScript or torch.export archive, else a weights-only torch.save file,
-    which must hold a state dict and needs `factory`, else a pickled module), or one of "torchscript",
-    "export", "state_dict", "pickle" to insist on a form.
-    trust: allow the forms that can execute code from the file (TorchScript, torch.export, pickle); without it
-    they are refused before anything is deserialised. `allow_pickle` is its deprecated alias.
+    format: "auto" (a `.onnx` path is ONNX, a skops archive is "sklearn"; else by content: TorchScript or
+    torch.export archive, else a weights-only torch.save file, which must hold a state dict and needs `factory`,
+    else a pickled module), or one of "torchscript", "export", "state_dict", "pickle", "onnx", "sklearn" to
+    insist on a form.
+    trust: allow the forms that can execute code from the file (TorchScript, torch.export, pickle) and the types
+    skops does not trust in a skops file; without it they are refused before anything is deserialised.
+    `allow_pickle` is its deprecated alias.
     factory: imported and called, so it is code the spec's author trusts by construction.
     model_id: named in error messages.
     """
@@ -171,6 +184,10 @@ def load_module(path: PathLike, *, format: str = "auto", factory: Union[str, Cal
         raise ValueError(f"Expected `format` to be one of {list(FORMATS)} but got {format!r}")
     trust = _resolve_trust(trust, allow_pickle)
     data = _read_bytes(path)
+    if format == "onnx" or (format == "auto" and os.fspath(path).lower().endswith(".onnx")):
+        return load_onnx(data, os.fspath(path), model_id, onnx_base_dir(path))
+    if format == "sklearn" or (format == "auto" and is_skops(data)):
+        return load_sklearn(data, os.fspath(path), trust, model_id)
     kind = archive_kind(data)
     code_kind = format if format in CODE_FORMATS else (kind if format == "auto" and kind in CODE_FORMATS else None)
     if code_kind is not None:
@@ -257,13 +274,20 @@ def classifier_handle_from_module(module: nn.Module, model_id: str, input_shape:
             out = module(dummy)
     except Exception as err:  # noqa: BLE001 - any failure means the shape contract is not met
         raise ValueError(f"Model {model_id!r} failed on a dummy input of shape {[1, *shape]} (the data's "
-                         f"input shape): {type(err).__name__}: {error_line(err)}") from None
+                         f"input shape): {type(err).__name__}: {error_line(err)}"
+                         f"{input_hint(error_line(err), shape)}") from None
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f"Model {model_id!r} must return a logits tensor [B, K] but returned {type(out).__name__}")
+        raise ValueError(f"Model {model_id!r} must return a logits tensor [B, K] but returned {describe(out)}")
     if out.dim() != 2 or out.shape[0] != 1 or out.shape[1] != len(names):
+        one_logit = out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1)
+        hint = ("; a binary model with one logit needs `output: sigmoid` on its fleet entry" if one_logit and
+                len(names) == 2 else "")
         raise ValueError(f"Model {model_id!r} returned shape {list(out.shape)} for input {[1, *shape]}; expected "
-                         f"[1, {len(names)}] logits for class_names {names}")
+                         f"[1, {len(names)}] logits for class_names {names}{hint}")
     if not torch.isfinite(out).all():
         raise ValueError(f"Model {model_id!r} returned non-finite logits on a dummy input")
+    # A module, or any module inside it (e.g. under an input/output adapter), may declare itself
+    # non-differentiable (frameworks.TreeLogits); gradient methods are then refused (Method.check_models).
+    differentiable = all(getattr(m, "differentiable", True) for m in module.modules())
     return ClassifierHandle(module=module, model_id=model_id, input_shape=shape, class_names=names,
-                            value_range=(lo, hi))
+                            value_range=(lo, hi), differentiable=differentiable)

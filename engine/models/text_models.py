@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.data.base import ArrayDataset
+from engine.progress import Log, Progress
 
 
 class TextCNN(nn.Module):
@@ -178,7 +179,8 @@ def train_text_vae(module: TextVAE, dataset: ArrayDataset, *, epochs: int = 30, 
                    kl_weight: float = 0.01, kl_warmup: int = 3, word_dropout: float = 0.5, disc_weight: float = 1.0,
                    free_bits: float = 0.0,
                    oracle_epochs: int = 4, seed: int = 0,
-                   oracle: Optional[nn.Module] = None) -> tuple[nn.Module, list[float]]:
+                   oracle: Optional[nn.Module] = None, log: Log = None,
+                   stage: str = "text_vae") -> tuple[nn.Module, list[float]]:
     """Per batch: CE of the teacher-forced words up to the first <pad> (summed over positions, mean over
     sentences) + β·KL(q(z|x) ‖ N(0, I)) with β rising linearly to `kl_weight` over `kl_warmup` epochs + BCE of
     the attribute head + `disc_weight`·CE(D(decode_soft(z, a′)), a′) with a′ the batch's attributes shuffled
@@ -186,7 +188,7 @@ def train_text_vae(module: TextVAE, dataset: ArrayDataset, *, epochs: int = 30, 
     probability `word_dropout` so the decoder has to use the code (Bowman et al.). Batches hold sentences of
     similar length and run only up to their longest. Defaults are the measured configuration (README, Text);
     a `disc_weight` of 20 makes the code decide the classifier's verdict but lets the decoder fool D with repeated
-    sentiment words ("excellent excellent ..."), so the default stays 1."""
+    sentiment words ("excellent excellent ..."), so the default stays 1. `log` gets throttled progress lines."""
     from engine.models.training import _attributes, _finish, seeded, train_classifier
 
     if getattr(dataset, "kind", None) != "text" or getattr(dataset, "schema", None) is None:
@@ -202,18 +204,20 @@ def train_text_vae(module: TextVAE, dataset: ArrayDataset, *, epochs: int = 30, 
     if oracle is None and disc_weight > 0:
         with seeded(seed + 1):
             oracle = TextCNN(vocab.dim, dataset.num_classes)
-        oracle, _ = train_classifier(oracle, dataset, epochs=oracle_epochs, batch_size=batch_size, seed=seed + 1)
+        oracle, _ = train_classifier(oracle, dataset, epochs=oracle_epochs, batch_size=batch_size, seed=seed + 1,
+                                     log=log, stage=f"{stage} oracle")
     frozen = [] if oracle is None else [p for p in oracle.eval().parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     history: list[float] = []
     steps_per_epoch = -(-len(x_all) // batch_size)
+    progress = Progress(stage, log, epochs * steps_per_epoch, epochs=epochs)
     try:
         with seeded(seed):
             opt = torch.optim.Adam(module.parameters(), lr=lr)
             module.train()
             for epoch in range(epochs):
-                total = 0.0
+                total, seen = 0.0, 0
                 for b, idx in enumerate(_length_batches(lengths, batch_size)):
                     width = int(lengths[idx].max()) + 1  # the words and the first <pad>: nothing after is scored
                     x, a, tgt = x_all[idx, :width], a_all[idx], targets[idx, :width]
@@ -236,8 +240,10 @@ def train_text_vae(module: TextVAE, dataset: ArrayDataset, *, epochs: int = 30, 
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total += loss.item() * len(idx)
+                    total, seen = total + loss.item() * len(idx), seen + len(idx)
+                    progress.update(loss=total / seen)
                 history.append(total / len(x_all))
+        progress.close()
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -4,7 +4,8 @@ Each `train_*(module, dataset, *, epochs, batch_size, lr, seed, ...)` trains `mo
 ArrayDataset and returns `(module in eval mode, history)`, history being the per-epoch mean of the
 objective it minimises. Randomness (shuffling, dropout, sampled attributes, GAN noise) comes from the global
 torch RNG inside `seeded(seed)`, which restores the caller's RNG state afterwards, so a run is a function of
-(module init, dataset, hyper-parameters, seed). Defaults are sized for a 2-core CPU.
+(module init, dataset, hyper-parameters, seed). Defaults are sized for a 2-core CPU. `log` (with `stage`, the name
+progress lines carry) receives throttled progress lines (engine.progress); it only observes the loop.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch.nn import functional as F
 
 from engine.data.base import ArrayDataset
 from engine.models.architectures import AttributeOracle, DCGANDiscriminator
+from engine.progress import Log, Progress
 
 History = list[float]
 
@@ -27,6 +29,14 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         yield
+
+
+def _steps(n: int, batch_size: int) -> int:
+    return -(-n // max(1, batch_size))
+
+
+def _progress(stage: str, log: Log, epochs: int, n: int, batch_size: int) -> Progress:
+    return Progress(stage, log, epochs * _steps(n, batch_size), epochs=epochs)
 
 
 def _batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -79,7 +89,8 @@ def _finish(module: nn.Module, history: History) -> tuple[nn.Module, History]:
 
 
 def train_classifier(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 6, batch_size: int = 64,
-                     lr: float = 2e-3, weight_decay: float = 0.0, seed: int = 0) -> tuple[nn.Module, History]:
+                     lr: float = 2e-3, weight_decay: float = 0.0, seed: int = 0, log: Log = None,
+                     stage: str = "classifier") -> tuple[nn.Module, History]:
     """Cross-entropy with Adam. module: x [B, *input_shape] -> logits [B, K]."""
     _check_fits(module, dataset)
     num_classes = getattr(module, "hparams", {}).get("num_classes")
@@ -87,39 +98,45 @@ def train_classifier(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 
         raise ValueError(f"{type(module).__name__} has num_classes={num_classes} but dataset {dataset.name!r} "
                          f"has {dataset.num_classes} classes")
     return _fit(module, dataset.x.float(), dataset.y.long(), F.cross_entropy, epochs=epochs,
-                batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed)
+                batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                progress=_progress(stage, log, epochs, len(dataset), batch_size))
 
 
 def train_oracle(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 6, batch_size: int = 64,
-                 lr: float = 2e-3, seed: int = 0) -> tuple[nn.Module, History]:
+                 lr: float = 2e-3, seed: int = 0, log: Log = None,
+                 stage: str = "oracle") -> tuple[nn.Module, History]:
     """Multi-label BCE on `dataset.attributes`. module: x -> attribute logits [B, A]."""
     _check_fits(module, dataset)
     return _fit(module, dataset.x.float(), _attributes(dataset, module), F.binary_cross_entropy_with_logits,
-                epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, seed=seed)
+                epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, seed=seed,
+                progress=_progress(stage, log, epochs, len(dataset), batch_size))
 
 
 def _fit(module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, epochs: int, batch_size: int,
-         lr: float, weight_decay: float, seed: int) -> tuple[nn.Module, History]:
+         lr: float, weight_decay: float, seed: int, progress: Progress) -> tuple[nn.Module, History]:
     """Supervised Adam loop shared by the classifier and the oracle; history = mean loss per epoch."""
     history: History = []
     with seeded(seed):
         opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
         module.train()
         for _ in range(epochs):
-            total = 0.0
+            total, seen = 0.0, 0
             for idx in _batches(len(x), batch_size):
                 loss = loss_fn(module(x[idx]), targets[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(idx)
+                total, seen = total + loss.item() * len(idx), seen + len(idx)
+                progress.update(loss=total / seen)
             history.append(total / len(x))
+    progress.close()
     return _finish(module, history)
 
 
 def train_vae(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 12, batch_size: int = 64,
-              lr: float = 2e-3, beta: float = 1.0, seed: int = 0) -> tuple[nn.Module, History]:
+              lr: float = 2e-3, beta: float = 1.0, seed: int = 0, log: Log = None,
+              stage: str = "vae") -> tuple[nn.Module, History]:
     """Negative ELBO per image: Bernoulli reconstruction (BCE summed over pixels) + beta * KL(q(z|x) || N(0, I)).
 
     module: a ConvVAE-like module with `encode_dist(x) -> (mu, logvar)` and `decode_logits(z)`.
@@ -128,11 +145,12 @@ def train_vae(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 12, bat
     _check_unit_range(dataset, type(module).__name__)
     x = dataset.x.float()
     history: History = []
+    progress = _progress(stage, log, epochs, len(x), batch_size)
     with seeded(seed):
         opt = torch.optim.Adam(module.parameters(), lr=lr)
         module.train()
         for _ in range(epochs):
-            total = 0.0
+            total, seen = 0.0, 0
             for idx in _batches(len(x), batch_size):
                 xb = x[idx]
                 mu, logvar = module.encode_dist(xb)
@@ -143,13 +161,16 @@ def train_vae(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 12, bat
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(idx)
+                total, seen = total + loss.item() * len(idx), seen + len(idx)
+                progress.update(loss=total / seen)
             history.append(total / len(x))
+    progress.close()
     return _finish(module, history)
 
 
 def train_dcgan(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 20, batch_size: int = 32,
-                lr: float = 5e-4, disc_width: int = 32, seed: int = 0) -> tuple[nn.Module, History]:
+                lr: float = 5e-4, disc_width: int = 32, seed: int = 0, log: Log = None,
+                stage: str = "dcgan") -> tuple[nn.Module, History]:
     """Non-saturating GAN (Goodfellow et al.) with Adam(beta1=0.5) as in DCGAN; the discriminator is discarded.
 
     module: a DCGANGenerator (`latent_dim`, `decode(z)`). History: per-epoch mean of d_loss + g_loss, which
@@ -159,6 +180,7 @@ def train_dcgan(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 20, b
     _check_unit_range(dataset, type(module).__name__)
     x = dataset.x.float()
     history: History = []
+    progress = _progress(stage, log, epochs, len(x), batch_size)
     with seeded(seed):
         disc = DCGANDiscriminator(x.shape[1], x.shape[-1], width=disc_width)
         opt_g = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
@@ -166,7 +188,7 @@ def train_dcgan(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 20, b
         module.train()
         disc.train()
         for _ in range(epochs):
-            total = 0.0
+            total, seen = 0.0, 0
             for idx in _batches(len(x), batch_size):
                 real = x[idx]
                 fake = module.decode(torch.randn(len(idx), module.latent_dim))
@@ -180,8 +202,10 @@ def train_dcgan(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 20, b
                 opt_g.zero_grad(set_to_none=True)
                 g_loss.backward()
                 opt_g.step()
-                total += (d_loss.item() + g_loss.item()) * len(idx)
+                total, seen = total + (d_loss.item() + g_loss.item()) * len(idx), seen + len(idx)
+                progress.update(loss=total / seen)
             history.append(total / len(x))
+    progress.close()
     return _finish(module, history)
 
 
@@ -189,7 +213,8 @@ def train_attribute_autoencoder(module: nn.Module, dataset: ArrayDataset, *, epo
                                 batch_size: int = 64, lr: float = 2e-3, recon: str = "l2",
                                 rec_weight: float = 20.0, attr_weight: float = 1.0, disc_weight: float = 1.0,
                                 oracle_epochs: int = 6, seed: int = 0,
-                                oracle: Optional[nn.Module] = None) -> tuple[nn.Module, History]:
+                                oracle: Optional[nn.Module] = None, log: Log = None,
+                                stage: str = "attribute_autoencoder") -> tuple[nn.Module, History]:
     """Attribute-informed latent space, AIP Eq. 4 plus the encoder's attribute head.
 
     Per batch, with (z, a_hat) = encode(x), a the true attributes and a' = a[perm] a draw from P(a):
@@ -210,19 +235,21 @@ def train_attribute_autoencoder(module: nn.Module, dataset: ArrayDataset, *, epo
     if oracle is None:
         with seeded(seed + 1):
             oracle = AttributeOracle(x.shape[1], x.shape[-1], a.shape[1])
-        oracle, _ = train_oracle(oracle, dataset, epochs=oracle_epochs, batch_size=batch_size, seed=seed + 1)
+        oracle, _ = train_oracle(oracle, dataset, epochs=oracle_epochs, batch_size=batch_size, seed=seed + 1,
+                                 log=log, stage=f"{stage} oracle")
     oracle.eval()
     frozen = [p for p in oracle.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     rec_fn = F.mse_loss if recon == "l2" else F.l1_loss
     history: History = []
+    progress = _progress(stage, log, epochs, len(x), batch_size)
     try:
         with seeded(seed):
             opt = torch.optim.Adam(module.parameters(), lr=lr)
             module.train()
             for _ in range(epochs):
-                total = 0.0
+                total, seen = 0.0, 0
                 for idx in _batches(len(x), batch_size):
                     xb, ab = x[idx], a[idx]
                     z, a_logits = module.encode_logits(xb)
@@ -234,8 +261,10 @@ def train_attribute_autoencoder(module: nn.Module, dataset: ArrayDataset, *, epo
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total += loss.item() * len(idx)
+                    total, seen = total + loss.item() * len(idx), seen + len(idx)
+                    progress.update(loss=total / seen)
                 history.append(total / len(x))
+        progress.close()
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -15,6 +15,7 @@ from engine.models import architectures as A
 from engine.models import text_models as TM
 from engine.models import training as T
 from engine.models.cache import CODE_VERSION, ModelCache, cache_key
+from engine.progress import Log
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "cnn": A.CNNClassifier,
@@ -42,8 +43,8 @@ ARCH_TRAINERS: dict[str, Callable[..., tuple[nn.Module, list[float]]]] = {"text_
 
 DEFAULT_LATENT_DIM = 16
 
-# Training arguments that are not hyper-parameters (not JSON-able, or passed separately).
-_NOT_HYPERPARAMETERS = frozenset({"module", "dataset", "seed", "oracle"})
+# Training arguments that are not hyper-parameters (not JSON-able, or passed separately): never in a cache key.
+_NOT_HYPERPARAMETERS = frozenset({"module", "dataset", "seed", "oracle", "log", "stage"})
 
 
 def arch_name(module: nn.Module) -> str:
@@ -118,8 +119,10 @@ def resolve_train_kwargs(kind: str, train_kwargs: Optional[dict], arch: Optional
 
 def get_or_train(kind: str, arch: str, arch_kwargs: Optional[dict], dataset: ArrayDataset,
                  dataset_fingerprint: str, train_kwargs: Optional[dict], seed: int,
-                 cache_dir: Any = None) -> tuple[nn.Module, dict]:
+                 cache_dir: Any = None, *, log: Log = None, stage: Optional[str] = None) -> tuple[nn.Module, dict]:
     """The trained module (eval mode, CPU) for these inputs, from the cache or trained now and cached.
+
+    While it trains, `log` gets progress lines named `stage` (default: the kind); neither is in the cache key.
 
     Missing shape arguments (in_channels, image_size, in_features, num_classes, num_attributes) are taken
     from the dataset; a missing latent_dim is 16. info: key, cache_hit, path, seconds (spent in this call), train_seconds, history,
@@ -149,7 +152,7 @@ def get_or_train(kind: str, arch: str, arch_kwargs: Optional[dict], dataset: Arr
         history, train_seconds = meta.get("history", []), meta.get("train_seconds")
     else:
         t0 = time.perf_counter()
-        module, history = trainer(module, dataset, seed=seed, **tk)
+        module, history = trainer(module, dataset, seed=seed, log=log, stage=stage or kind, **tk)
         train_seconds = time.perf_counter() - t0
         meta = {
             "key": key, "kind": kind, "arch": arch, "arch_kwargs": hparams, "train_kwargs": tk, "seed": int(seed),

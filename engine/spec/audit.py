@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"  # model ids become directory names (model=<id>)
 
@@ -40,11 +41,14 @@ class FileSource(Strict):
     """Where a user's model file is and how to load it safely."""
 
     path: Optional[str] = None
-    format: Literal["auto", "torchscript", "export", "state_dict", "pickle"] = "auto"
+    format: Literal["auto", "torchscript", "export", "state_dict", "pickle", "onnx", "sklearn"] = Field(
+        default="auto", description="onnx: an ONNX graph (onnx2torch); sklearn: a scikit-learn, LightGBM or XGBoost "
+        "classifier saved with skops (compiled by hummingbird; not differentiable)")
     factory: Optional[str] = Field(default=None, description="package.module:function building the module")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
     trust: bool = Field(default=False, description="load TorchScript, torch.export (.pt2) or pickled files, which "
-                        "can execute code from the file; `allow_pickle` is its deprecated alias")
+                        "can execute code from the file, and the types skops does not trust in a skops file; "
+                        "`allow_pickle` is its deprecated alias")
 
     @model_validator(mode="before")
     @classmethod
@@ -66,15 +70,94 @@ class FileSource(Strict):
             raise ValueError(f"{what}: format state_dict needs `factory: package.module:function`")
 
 
+Size = Union[int, list[int]]  # one side for a square, or [H, W]
+PerChannel = Union[float, list[float]]  # one value for every channel, or one per channel
+
+
+class InputSpec(Strict):
+    """What a model takes, when it is not the data as they are. The engine feeds [0, 1] data through
+    scale -> size -> crop -> mean/std -> channels_last -> dtype before the model (engine.models.adapters), so
+    methods search and measure distances in the data's space. Channel counts are checked against the data."""
+
+    scale: float = Field(default=1.0, gt=0, description="multiply the data by it first: 255 for 0-255 pixels")
+    size: Optional[Size] = Field(default=None, description="resize to it (bilinear, no antialias): int or [H, W]")
+    crop: Optional[Size] = Field(default=None, description="center crop after the resize: int or [H, W]")
+    mean: Optional[PerChannel] = Field(default=None, description="subtracted per channel (after scale)")
+    std: Optional[PerChannel] = Field(default=None, description="divides per channel after the mean; > 0")
+    channels_last: bool = Field(default=False, description="permute [B, C, H, W] to [B, H, W, C] (NHWC models)")
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = Field(
+        default="float32", description="the model runs in it (weights and input cast); logits come back float32")
+
+    @field_validator("size", "crop")
+    @classmethod
+    def _size(cls, value: Optional[Size]) -> Optional[Size]:
+        if value is None:
+            return value
+        sides = [value] if isinstance(value, int) else value
+        if (isinstance(value, list) and len(value) != 2) or min(sides) <= 0:
+            raise ValueError(f"expected a positive int or [H, W] of positive ints, got {value}")
+        return value
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _per_channel(cls, value: Optional[PerChannel], info) -> Optional[PerChannel]:
+        if value is None:
+            return value
+        values = [value] if isinstance(value, (int, float)) else value
+        if not values or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"expected one finite value or one per channel, got {value}")
+        if info.field_name == "std" and min(values) <= 0:
+            raise ValueError(f"every std must be > 0, got {value}")
+        return value
+
+
+class OutputSpec(Strict):
+    """What a model returns, when it is not logits [B, K]; `output: sigmoid` is short for `output: {kind: sigmoid}`."""
+
+    kind: Literal["logits", "probabilities", "log_probabilities", "sigmoid"] = Field(
+        default="logits", description="probabilities -> log(max(p, 1e-12)); sigmoid: one logit z [B] or [B, 1] of "
+                                      "a binary model -> logits [0, z]")
+    index: Optional[int] = Field(default=None, description="the entry of a tuple or list output that holds it")
+    key: Optional[str] = Field(default=None, description="the entry of a dict output that holds it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "OutputSpec":
+        if self.index is not None and self.key is not None:
+            raise ValueError("give `index` (a tuple or list output) or `key` (a dict output), not both")
+        return self
+
+
 class FleetModel(FileSource):
     """One audited classifier: built-in (`train`) or a user's file (`path`)."""
 
     id: str = Field(pattern=ID_PATTERN)
     train: Optional[TrainEntry] = None
+    input: Optional[InputSpec] = Field(default=None, description="None: the model takes the data as they are")
+    output: Optional[OutputSpec] = Field(default=None, description="None: logits [B, K], not declared")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_adapters(self, handler) -> dict[str, Any]:
+        # Unset input/output are left out of dumps, so audit and sweep spec hashes of specs that do not use
+        # them stay what they were before the fields existed (resumes of older outputs still match).
+        data = handler(self)
+        for name in ("input", "output"):
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
 
     @model_validator(mode="after")
     def _one_source(self) -> "FleetModel":
         self._check_source(f"model {self.id!r}", self.train)
+        if self.train is not None and self.input is not None:
+            given = sorted(self.input.model_fields_set - {"dtype"})
+            if given:  # the zoo trains on the data as they are: preprocessing would feed it what it never saw
+                raise ValueError(f"model {self.id!r}: input.{given[0]} applies to a model file; a built-in "
+                                 "(`train`) model learns from the data as they are (only input.dtype fits it)")
         return self
 
 

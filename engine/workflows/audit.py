@@ -11,6 +11,7 @@ from engine.data import load_dataset
 from engine.metrics.fid_reference import (build_extractor, read_reference, reference_state, resolve_choice,
                                           write_reference)
 from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
+from engine.progress import Progress
 from engine.runtime.plan import QueryAttacher, WorkUnit, plan_units, select_queries, unit_descriptor
 from engine.spec.audit import AuditSpec
 from engine.store.commit import Claim, check_unclaimed
@@ -68,12 +69,15 @@ def write_fid_reference(spec: AuditSpec, extractor, data, log: Callable[[str], N
     if previous is not None and previous[0] == extractor.name:
         return
     x = torch.as_tensor(data.x, dtype=torch.float32)
-    state = reference_state(extractor, x, spec.metrics.fid.reference_samples, spec.seed)
+    state = reference_state(extractor, x, spec.metrics.fid.reference_samples, spec.seed, log)
     write_reference(spec.output, extractor.name, state)
     log(f"  FID reference: {state.n} real {spec.queries.split} images through {extractor.name}")
 
 
-def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = True) -> AuditResult:
+def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = True,
+          summary: Callable[[str], None] | None = None) -> AuditResult:
+    """`log` gets the stage and progress lines, `summary` (default: `log`) the closing summary: units, the
+    fleet table and the dashboard's path (`--quiet` silences `log` and keeps `summary`)."""
     from engine.runtime.host import pick_device
 
     check_writable(spec.output)  # a missing bucket or dead endpoint fails here, not after training
@@ -121,13 +125,13 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         log(f"  {len(units)} units ({len(spec.fleet)} models x {len(spec.methods)} methods, batch "
             f"{spec.runtime.batch_size}); {len(units) - len(todo)} already done")
     try:
-        return _run(spec, claim, units, todo, stages, fid, log, progress)
+        return _run(spec, claim, units, todo, stages, fid, log, progress, summary or log)
     finally:
         claim.release()
 
 
 def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUnit], stages: Stages, fid,
-         log: Callable[[str], None], progress: bool) -> AuditResult:
+         log: Callable[[str], None], progress: bool, summary: Callable[[str], None]) -> AuditResult:
     """The claimed part of an audit: the units still to run, through Ray, then the reports."""
     from engine.report.bias import fleet_headline, write_reports
     from engine.report.dashboard import render_dashboard
@@ -141,12 +145,16 @@ def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUn
     closing: list[str] = []  # the fleet table and the dashboard's path end the job's output
     with stages.stage("report"):
         if result_files(spec.output):
+            reports = join(spec.output, "reports")
+            log(f"  reading the results; writing {reports}/summary.parquet and groups.parquet")
             states = audit_states(spec.output)  # every shard read once, for all reports
             confidence, bootstrap = spec.metrics.confidence, spec.metrics.bootstrap_samples
             result.summary = write_summary(spec.output, confidence, bootstrap, states)
             log(headline(result.summary))
+            log(f"  writing {reports}/bias, confounding, attributes and fleet.parquet")
             closing.append(fleet_headline(write_reports(spec.output, confidence, bootstrap, summary=result.summary,
                                                         states=states)["fleet"]))
+            log(f"  rendering the dashboard under {join(spec.output, 'dashboard')}")
             try:
                 closing.append(f"dashboard: {render_dashboard(spec.output)}")
             except Exception as err:  # results and reports are written; a page that fails loses nothing
@@ -155,14 +163,14 @@ def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUn
         else:
             log("  no unit produced results: no summary")
     result.stage_seconds = stages.seconds
-    log(f"units: {result.units_done} done ({result.units_retried} needed a retry), {result.units_skipped} skipped "
-        f"(already written), {len(result.units_failed)} failed; results in {join(spec.output, 'results')}")
+    summary(f"units: {result.units_done} done ({result.units_retried} needed a retry), {result.units_skipped} "
+            f"skipped (already written), {len(result.units_failed)} failed; results in {join(spec.output, 'results')}")
     if result.units_failed:
-        log(f"  failed units and their errors: {join(spec.output, 'reports', 'failures.parquet')}; "
-            "re-run the same command to retry only those")
+        summary(f"  failed units and their errors: {join(spec.output, 'reports', 'failures.parquet')}; "
+                "re-run the same command to retry only those")
     log(stages.report())
     for text in closing:
-        log(text)
+        summary(text)
     return result
 
 
@@ -171,12 +179,12 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: A
     """Fan the units out to an actor pool of ModelHosts (Ray Data); count what each reported in `result`."""
     import ray
     import ray.data
-    from tqdm import tqdm
 
     from engine.runtime.cluster import start_ray
     from engine.runtime.host import ModelHost
     from engine.runtime.host_start import pool_rows, probe_host
 
+    log(f"  starting Ray and {spec.runtime.num_actors} model host(s)")
     start_ray(spec.runtime.address, include_dashboard=spec.runtime.include_dashboard)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver's bar counts queries
@@ -209,8 +217,8 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: A
             num_cpus=spec.runtime.num_cpus_per_actor, num_gpus=spec.runtime.num_gpus_per_actor or None,
             max_restarts=-1, max_task_retries=spec.runtime.max_retries, fn_constructor_kwargs=host_kwargs)
     sizes = {u.unit_id: len(u.query_ids) for u in todo}
-    bar = tqdm(total=sum(sizes.values()), desc="queries", unit="q", disable=not progress,
-               dynamic_ncols=True)
+    # A tqdm bar on a terminal, else a plain line every few seconds (logs, CI, `ray job submit`).
+    bar = Progress("explain", log if progress else None, sum(sizes.values()), unit="queries", bar=True)
     reported: set[str] = set()
     for row in pool_rows(out, start_timeout_s, spec.runtime.num_actors):
         reported.add(row["unit_id"])
@@ -221,9 +229,8 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: A
             log(f"  unit {row['unit_id']} failed after {attempts} attempt(s): {row['error'].splitlines()[0]}")
         else:
             result.units_done += 1
-        bar.update(sizes.get(row["unit_id"], 0))
-        bar.set_postfix(units=f"{result.units_done}/{len(todo)}", failed=len(result.units_failed),
-                        refresh=False)
+        bar.update(sizes.get(row["unit_id"], 0), units=f"{result.units_done}/{len(todo)}",
+                   failed=len(result.units_failed))
     bar.close()
     for unit in todo:
         if unit.unit_id not in reported:

@@ -190,8 +190,10 @@ def collect(spec: AugmentSpec, log: Callable[[str], Any] = print) -> AugmentResu
     return result
 
 
-def augment(spec: AugmentSpec, log: Callable[[str], Any] = print, progress: bool = True) -> AugmentResult:
-    """The audit over the training samples, then `collect`; prints the yield per model and method."""
+def augment(spec: AugmentSpec, log: Callable[[str], Any] = print, progress: bool = True,
+            summary: Optional[Callable[[str], Any]] = None) -> AugmentResult:
+    """The audit over the training samples, then `collect`; prints the yield per model and method (to `summary`,
+    default `log`)."""
     from engine.workflows.audit import audit
 
     audited = audit(spec.audit_spec(), log=log, progress=progress)
@@ -199,8 +201,9 @@ def augment(spec: AugmentSpec, log: Callable[[str], Any] = print, progress: bool
     with stages.stage("collect"):
         result = collect(spec, log)
     result.units_failed = audited.units_failed
+    summary = summary or log
     if result.yield_table is not None:
-        log(str(result.yield_table))
-    log(f"augmented: {result.kept} samples kept of {result.valid} valid counterfactuals "
+        summary(str(result.yield_table))
+    summary(f"augmented: {result.kept} samples kept of {result.valid} valid counterfactuals "
         f"({result.generated} rows) in {join(spec.output, 'augmented')}; label = target class")
     return result

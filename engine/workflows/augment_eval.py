@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import polars as pl
 import torch
@@ -76,9 +76,13 @@ def generate(method_name: str, params: dict, handle: ClassifierHandle, initial: 
                    "added": len(take)}
 
 
-def evaluate(spec: AugmentSpec, log: Callable[[str], Any] = print) -> pl.DataFrame:
-    """Run the protocol over every seed and method; returns the per-arm summary (also written)."""
+def evaluate(spec: AugmentSpec, log: Callable[[str], Any] = print,
+             summary: Optional[Callable[[str], Any]] = None) -> pl.DataFrame:
+    """Run the protocol over every seed and method; returns the per-arm summary (also written). `summary`
+    (default: `log`) gets the closing table and the dashboard's path."""
     from engine.runtime.host import pick_device
+
+    closing = summary or log
 
     ev = spec.augment.evaluation
     arch, arch_options, train_kwargs = spec.evaluation_arch()
@@ -92,7 +96,7 @@ def evaluate(spec: AugmentSpec, log: Callable[[str], Any] = print) -> pl.DataFra
         needed = max(1, round(ev.extra_fraction * len(initial)))
         candidates = min(len(initial), math.ceil(ev.candidates * needed))
         module, _ = get_or_train("classifier", arch, arch_options, initial, dataset_fingerprint(initial),
-                                 train_kwargs, seed, spec.runtime.cache_dir)
+                                 train_kwargs, seed, spec.runtime.cache_dir, log=log, stage=f"seed {seed} baseline")
         base_acc = accuracy(module, test)
         runs.append({"seed": seed, "arm": "baseline", "n_initial": len(initial), "n_added": 0,
                      "accuracy": base_acc, "queries": 0, "valid": 0, "plausible": 0})
@@ -106,7 +110,8 @@ def evaluate(spec: AugmentSpec, log: Callable[[str], Any] = print) -> pl.DataFra
                                      plausibility, features, seed)
             augmented = concat(initial, extra)
             aug_module, _ = get_or_train("classifier", arch, arch_options, augmented, dataset_fingerprint(augmented),
-                                         train_kwargs, seed, spec.runtime.cache_dir)
+                                         train_kwargs, seed, spec.runtime.cache_dir, log=log,
+                                         stage=f"seed {seed} {entry.name}")
             acc = accuracy(aug_module, test)
             runs.append({"seed": seed, "arm": entry.name, "n_initial": len(initial), "n_added": counts["added"],
                          "accuracy": acc, **{k: counts[k] for k in ("queries", "valid", "plausible")}})
@@ -119,7 +124,8 @@ def evaluate(spec: AugmentSpec, log: Callable[[str], Any] = print) -> pl.DataFra
             again = initial.subset(torch.randperm(len(initial), generator=g)[:added])
             control = concat(initial, again)
             ctl_module, _ = get_or_train("classifier", arch, arch_options, control, dataset_fingerprint(control),
-                                         train_kwargs, seed, spec.runtime.cache_dir)
+                                         train_kwargs, seed, spec.runtime.cache_dir, log=log,
+                                         stage=f"seed {seed} duplicates")
             runs.append({"seed": seed, "arm": "duplicates", "n_initial": len(initial), "n_added": added,
                          "accuracy": accuracy(ctl_module, test), "queries": 0, "valid": 0, "plausible": 0})
             log(f"  seed {seed} duplicates: +{added} real samples again: accuracy {runs[-1]['accuracy']:.4f}")
@@ -137,12 +143,12 @@ def evaluate(spec: AugmentSpec, log: Callable[[str], Any] = print) -> pl.DataFra
         table.write_parquet(buffer)
         write_bytes_atomic(join(spec.output, "reports", f"{name}.parquet"), buffer.getvalue())
     with pl.Config(tbl_rows=50, float_precision=4):
-        log(str(summary.select("arm", "seeds", "n_initial", "n_added", "accuracy_mean", "accuracy_std")))
+        closing(str(summary.select("arm", "seeds", "n_initial", "n_added", "accuracy_mean", "accuracy_std")))
     from engine.report.dashboard import render_dashboard
 
     try:
-        log(f"dashboard: {render_dashboard(spec.output)}")
+        closing(f"dashboard: {render_dashboard(spec.output)}")
     except Exception as err:  # the reports are written; a page that fails loses nothing
-        log(f"dashboard: not rendered ({type(err).__name__}: {err})")
+        closing(f"dashboard: not rendered ({type(err).__name__}: {err})")
     return summary
 

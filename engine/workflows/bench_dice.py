@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
 import json
 import random
@@ -39,7 +40,8 @@ from engine.runtime.plan import select_queries
 from engine.spec import AuditSpec, load_spec
 from engine.types import QueryBatch
 
-CFAUDIT_METHODS = {"gradual_construction": {"tau": 0.5}, "wachter": {}}  # GC §4.4.2: tabular tau 0.5
+# GC §4.4.2: tabular tau 0.5; growing_spheres: gradient-free (forward passes only), its defaults
+CFAUDIT_METHODS = {"gradual_construction": {"tau": 0.5}, "wachter": {}, "growing_spheres": {}}
 DICE_METHODS = ("gradient", "random")
 OUTCOME = "_outcome"  # DiCE's outcome column in its training frame
 
@@ -344,8 +346,9 @@ def _quiet():
 def bench_dice(spec_path: Optional[str] = None, queries: int = 50, peers: Sequence[str] = DICE_METHODS,
                repeats: int = 3, device: str = "cpu", out: Optional[str] = "cfaudit-out",
                command: Optional[str] = None, log: Callable[[str], None] = print) -> list[PeerRow]:
-    """cfaudit GC and wachter (batched) beside DiCE's `peers` (per query) on the spec's last fleet model and
-    `queries` seeded test queries, targets the other class; writes `<out>/bench/dice.parquet` (+ .json)."""
+    """cfaudit GC, wachter and growing_spheres (batched) beside DiCE's `peers` (per query; skipped with a note
+    when dice-ml is not installed) on the spec's last fleet model and `queries` seeded test queries, targets the
+    other class; writes `<out>/bench/dice.parquet` (+ .json)."""
     from engine.runtime.host import pick_device
 
     unknown = sorted(set(peers) - set(DICE_METHODS))
@@ -375,6 +378,9 @@ def bench_dice(spec_path: Optional[str] = None, queries: int = 50, peers: Sequen
                          f"batched, median of {repeats}, params {params}"))
         log(_line(rows[-1]))
     dice_config = {}
+    if peers and importlib.util.find_spec("dice_ml") is None:
+        log(f"  dice-ml is not installed (pip install -e '.[dice]'): skipping dice:{', dice:'.join(peers)}")
+        peers = ()
     for method in peers:
         times, records, dice_config = run_dice(method, schema, handle, reference, batch, spec.seed, log=log)
         judged = judge(schema, handle, batch.x, batch.target, records)

@@ -3,15 +3,18 @@ data is usable, whether every model and method fits the data. Each error names t
 expected; nothing here writes anything."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
 
 from engine.data.base import ArrayDataset
+from engine.models.adapters import declared_output, input_hint, looks_like_probabilities
 from engine.models.handles import ClassifierHandle, GeneratorHandle, ModelBundle
 from engine.models.loading import error_line
 
 PROBE_QUERIES = 16  # queries each classifier sees in the dry run: enough to catch NaN, cheap for any model
+log = logging.getLogger(__name__)
 
 
 def check_claim(directory: str, marker: str, spec: Any, what: str) -> None:
@@ -61,7 +64,8 @@ def check_classifier(handle: ClassifierHandle, data: ArrayDataset, query_ids: to
             logits = handle.logits(x)
     except Exception as err:
         raise ValueError(f"{name} failed on {len(ids)} {data.name} queries of shape {list(x.shape)}: "
-                         f"{type(err).__name__}: {error_line(err)}") from None
+                         f"{type(err).__name__}: {error_line(err)}"
+                         f"{input_hint(error_line(err), data.input_shape)}") from None
     expected = [len(ids), data.num_classes]
     if not isinstance(logits, torch.Tensor) or list(logits.shape) != expected:
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -71,6 +75,13 @@ def check_classifier(handle: ClassifierHandle, data: ArrayDataset, query_ids: to
     if not bool(finite.all()):
         raise ValueError(f"{name} returned NaN or inf logits on query ids {ids[~finite][:5].tolist()}; "
                          "expected finite logits for every query")
+    # A warning, not an error: softmax is monotone, so predictions (and whether a counterfactual flips them)
+    # are the same either way, and logits may lie in the simplex by chance; declaring `output: logits` silences it.
+    if declared_output(handle.module) is None and looks_like_probabilities(logits):
+        log.warning("%s: its outputs on %d %s queries all lie in [0, 1] and sum to 1 per row: probabilities, "
+                    "not logits? If so, set `output: probabilities` on its fleet entry (else probabilities and "
+                    "confidence thresholds are measured on a softmax of probabilities); `output: logits` says "
+                    "they are logits", name, len(ids), data.name)
     try:
         resolve_targets(logits, targets)
     except ValueError as err:

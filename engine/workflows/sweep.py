@@ -228,8 +228,9 @@ class TrialLog(tune.Callback):
 
 
 def sweep(spec: SweepSpec, log: Callable[[str], Any] = print, progress: bool = True,
-          callbacks: Optional[list] = None) -> SweepResult:
-    """Run (or resume) the sweep; `callbacks` are extra ray.tune.Callback objects for a fresh run."""
+          callbacks: Optional[list] = None, summary: Optional[Callable[[str], Any]] = None) -> SweepResult:
+    """Run (or resume) the sweep; `callbacks` are extra ray.tune.Callback objects for a fresh run. `summary`
+    (default: `log`) gets the closing lines: the trial table, the recommendation and where the files are."""
     from engine.data import load_dataset
     from engine.metrics.fid_reference import reference_state, resolve_choice
     from engine.models.cache import default_cache_dir
@@ -262,7 +263,7 @@ def sweep(spec: SweepSpec, log: Callable[[str], Any] = print, progress: bool = T
         reference = None
         if runner.options.extractor is not None:
             state = reference_state(runner.options.extractor, data.x.float(), spec.metrics.fid.reference_samples,
-                                    spec.seed)
+                                    spec.seed, log)
             n, total, outer = state.to_arrays()
             reference = {"extractor": fid.kind, "n": int(n), "total": total, "outer": outer}
             runner.fid_reference = (fid.kind, state)
@@ -296,9 +297,10 @@ def sweep(spec: SweepSpec, log: Callable[[str], Any] = print, progress: bool = T
         _write_parquet(join(directory, "trials.parquet"), trials)
     finished = int(trials["status"].is_in(FINISHED).sum()) if trials.height else 0
     result = SweepResult(directory, trials, complete=finished >= spec.expected_trials())
+    summary = summary or log
     if not result.complete:
-        log(f"sweep interrupted: {finished} of {spec.expected_trials()} trials finished; run the same command again "
-            f"to resume it (Tuner.restore of {path})")
+        summary(f"sweep interrupted: {finished} of {spec.expected_trials()} trials finished; run the same command "
+                f"again to resume it (Tuner.restore of {path})")
         result.stage_seconds = stages.seconds
         return result
     with stages.stage("pareto"):
@@ -321,11 +323,11 @@ def sweep(spec: SweepSpec, log: Callable[[str], Any] = print, progress: bool = T
         except Exception as err:  # trials and front are written; a page that fails loses nothing
             log(f"  sweep page: not rendered ({type(err).__name__}: {err})")
     result.stage_seconds = stages.seconds
-    log(summary_table(trials, result.pareto, spec))
+    summary(summary_table(trials, result.pareto, spec))
     if result.errored:
-        log(f"{result.errored} trial(s) failed (see the `error` column); run the same command again to retry them")
+        summary(f"{result.errored} trial(s) failed (see the `error` column); run the same command again to retry them")
     log(stages.report())
-    log(recommendation_line(result.recommended, spec))
-    log(f"trials: {join(directory, 'trials.parquet')}; front: {join(directory, 'pareto.parquet')}"
+    summary(recommendation_line(result.recommended, spec))
+    summary(f"trials: {join(directory, 'trials.parquet')}; front: {join(directory, 'pareto.parquet')}"
         + (f"; page: {result.page}" if result.page else ""))
     return result

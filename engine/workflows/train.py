@@ -28,7 +28,7 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> dict[str, dict
                 continue
             module, info = get_or_train(entry.kind, entry.arch or DEFAULT_ARCH[entry.kind], entry.arch_options,
                                         data, dataset_fingerprint(data), entry.train_kwargs(), entry.seed,
-                                        spec.cache_dir)
+                                        spec.cache_dir, log=log, stage=entry.id)
             modules[entry.id] = module
             history = info["history"]
             loss = f"loss {history[0]:.4g} -> {history[-1]:.4g}" if history else "no history"

@@ -19,7 +19,8 @@ from tests.methods.conftest import NaNNear, RowWise, Task
 
 FAST = {"gradual_construction": {"sigma": 30, "max_features": 10}, "wachter": {"max_iter": 300},
         "aip": {"n_max": 100},  # β^100 ≈ 3e-5: AIP's steps have vanished long before its default 500
-        "introspection": {"n_rounds": 3, "steps": 30, "prototypes": False}}  # prototypes off: "already" stays
+        "introspection": {"n_rounds": 3, "steps": 30, "prototypes": False},  # prototypes off: "already" stays
+        "growing_spheres": {"n_samples": 200}}  # 2000 points per layer of 256 pixels: ~10 s a call on digits
 PER_KIND = {("gradual_construction", "tabular"): {"tau": 0.5}}  # GC §4.4.2
 STATUSES = {STATUS_OK, STATUS_BUDGET, STATUS_NAN, STATUS_ALREADY}
 

@@ -11,10 +11,11 @@ DIGITS = DatasetRef(name="digits")
 
 def test_builtin_entry_trains_then_hits_the_cache(tmp_path):
     entry = FleetModel(id="d", train={"arch": "mlp", "epochs": 2})
-    logs = []
-    first = resolve_classifier(entry, DIGITS, str(tmp_path), log=logs.append)
-    second = resolve_classifier(entry, DIGITS, str(tmp_path), log=logs.append)
-    assert "trained" in logs[0] and "cache hit" in logs[1]
+    first_logs, second_logs = [], []
+    first = resolve_classifier(entry, DIGITS, str(tmp_path), log=first_logs.append)
+    second = resolve_classifier(entry, DIGITS, str(tmp_path), log=second_logs.append)
+    assert "epoch 2/2" in first_logs[-2] and "trained" in first_logs[-1]  # progress, then the outcome
+    assert second_logs == [second_logs[0]] and "cache hit" in second_logs[0]
     assert first.meta["cache_key"] == second.meta["cache_key"]
     assert first.input_shape == (1, 8, 8) and first.num_classes == 10
     x = load_dataset("digits", "test").x[:5]

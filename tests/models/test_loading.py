@@ -193,17 +193,17 @@ def test_other_clear_errors(tmp_path, model):
         with pytest.raises(ValueError, match=r"junk\.pt is not a TorchScript"):
             load_module(tmp_path / "junk.pt", factory=FACTORY, factory_kwargs=KWARGS)
     with pytest.raises(ValueError, match="`format`"):
-        load_module(tmp_path / "sd.pt", format="onnx")
+        load_module(tmp_path / "sd.pt", format="keras")
 
 
 def test_fsspec_uri(model, x):
     import fsspec
 
-    with fsspec.open("memory://cfaudit-test/script.pt", "wb") as f:
+    with fsspec.open("memory://cfaudit-loading-test/script.pt", "wb") as f:
         torch.jit.save(torch.jit.script(model), f)
-    torch.testing.assert_close(load_module("memory://cfaudit-test/script.pt", trust=True)(x), model(x))
-    with pytest.raises(FileNotFoundError, match="memory://cfaudit-test/none.pt"):
-        load_module("memory://cfaudit-test/none.pt")
+    torch.testing.assert_close(load_module("memory://cfaudit-loading-test/script.pt", trust=True)(x), model(x))
+    with pytest.raises(FileNotFoundError, match="memory://cfaudit-loading-test/none.pt"):
+        load_module("memory://cfaudit-loading-test/none.pt")
 
 
 def test_classifier_handle_from_module(model, x):

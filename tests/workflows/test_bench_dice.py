@@ -15,19 +15,31 @@ def credit():
 
 def test_cfaudit_side_runs_without_dice_and_writes_the_table(tmp_path):
     rows = bench_dice(queries=4, peers=(), repeats=1, out=str(tmp_path), command="test", log=lambda _: None)
-    assert [r.method for r in rows] == ["cfaudit:gradual_construction", "cfaudit:wachter"]
+    assert [r.method for r in rows] == ["cfaudit:gradual_construction", "cfaudit:wachter", "cfaudit:growing_spheres"]
     for r in rows:
         assert r.queries == 4 and r.s_per_cf > 0 and 0.0 <= r.validity <= 1.0
         # cfaudit's counterfactuals are valid records already: projection is a no-op, immutables untouched
         assert r.record_ok == 1.0 and r.validity == r.validity_raw
         assert r.immutable_changed == 0 and r.direction_violated == 0
-    gc, wachter = rows
+    gc, wachter, _ = rows
     assert gc.ratio_vs_gc == pytest.approx(1.0) and wachter.ratio_vs_wachter == pytest.approx(1.0)
     table = pq.read_table(tmp_path / "bench" / "dice.parquet")
     assert table.column("method").to_pylist() == [r.method for r in rows]
     meta = json.loads(table.schema.metadata[b"cfaudit.bench"])
     assert meta["command"] == "test" and meta["versions"]["torch"] == torch.__version__
     assert (tmp_path / "bench" / "dice.json").exists()
+
+
+def test_without_dice_ml_the_dice_rows_are_skipped_with_a_note(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "dice_ml" else find_spec(name, *a))
+    lines = []
+    rows = bench_dice(queries=2, peers=("random",), repeats=1, out=None, log=lines.append)
+    assert [r.method for r in rows][-1] == "cfaudit:growing_spheres"
+    assert any("dice-ml is not installed" in line and "dice:random" in line for line in lines)
 
 
 def test_unknown_peer_is_a_value_error():
@@ -95,7 +107,8 @@ def test_dice_layout_maps_onto_cfaudit_encoding(credit):
 def test_dice_random_runs_beside_cfaudit_on_the_same_queries(tmp_path):
     pytest.importorskip("dice_ml")
     rows = bench_dice(queries=3, peers=("random",), repeats=1, out=str(tmp_path), log=lambda _: None)
-    assert [r.method for r in rows] == ["cfaudit:gradual_construction", "cfaudit:wachter", "dice:random"]
+    assert [r.method for r in rows] == ["cfaudit:gradual_construction", "cfaudit:wachter", "cfaudit:growing_spheres",
+                                        "dice:random"]
     dice = rows[-1]
     assert dice.queries == 3 and dice.s_per_cf > 0 and 0.0 <= dice.validity <= dice.returned
     assert dice.immutable_changed == 0  # features_to_vary leaves the immutables out
