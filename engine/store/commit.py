@@ -80,6 +80,7 @@ def list_files(root: str, pattern: re.Pattern) -> dict[str, int]:
     """
     fs, path = filesystem(root)
     base = path.rstrip("/")
+    fs.invalidate_cache()  # other processes (hosts) write here: any cached listing or ETag may be stale
     try:
         found = fs.find(base, detail=True)
     except FileNotFoundError:

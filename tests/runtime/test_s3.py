@@ -157,6 +157,22 @@ def test_s3_rerun_skips_finished_units(audited):
 
 
 @pytest.mark.ray
+def test_s3_resume_with_another_batch_size_is_refused_and_a_corrupt_shard_rewritten(audited):
+    # Old: 2 units of 10 re-cut into 3 of 8 re-ran parts and doubled rows; a corrupt shard stayed "done".
+    _, remote, _, _, _ = audited
+    cut = parse_spec(AuditSpec, {**spec_for(remote).model_dump(mode="json"),
+                                 "runtime": {"batch_size": 8, "num_actors": 1}})
+    with pytest.raises(ValueError, match=r"runtime\.batch_size 10, this run cuts its units at 8"):
+        audit(cut, progress=False)
+    shard = result_files(remote)[1]
+    before = read_rows(remote)
+    write_bytes_atomic(shard, read_bytes(shard)[:-64])  # truncated in place on the object store
+    again = audit(spec_for(remote), progress=False)
+    assert again.units_done == 1 and again.units_skipped == 1
+    assert read_rows(remote).drop_columns(["unit_id"]).equals(before.drop_columns(["unit_id"]))
+
+
+@pytest.mark.ray
 def test_s3_audit_connects_only_to_loopback(audited, s3):
     *_, sampler = audited
     port = int(s3.endpoint.rsplit(":", 1)[1])
