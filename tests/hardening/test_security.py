@@ -4,7 +4,6 @@ output root, the local Ray listens on loopback only and its dashboard refuses re
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import subprocess
@@ -12,12 +11,8 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from engine.explain import explain_unit
 from engine.methods import make_method
@@ -28,7 +23,7 @@ from engine.report.dashboard import render_dashboard
 from engine.report.summary import write_summary
 from engine.store.results import shard_uri
 from engine.store.uri import join, write_bytes_atomic
-from tests.fixtures.results import SPEC_HASH, commit_shard
+from tests.fixtures.results import SPEC_HASH, commit_shard, images_parquet
 
 ROOT = Path(__file__).resolve().parents[2]
 EVIL_MODEL = "<img src=x onerror=alert(1)>"
@@ -41,14 +36,8 @@ N = 6
 def evil_dashboard(tmp_path_factory, confounded_cnn, shapes_oracle, shapes_biased_train, shapes_test):
     """A real GC shard whose model id, class names (from the user's Parquet) and oracle attribute are markup."""
     out = tmp_path_factory.mktemp("evil")
-    blobs = []
-    for image in shapes_test.x[:N]:
-        buffer = io.BytesIO()
-        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, format="PNG")
-        blobs.append(buffer.getvalue())
     data = out / "<i>faces<i>.parquet"
-    pq.write_table(pa.table({"image": blobs, "label": shapes_test.y[:N].numpy(),
-                             "split": ["test"] * N}), data)
+    images_parquet(data, shapes_test.x[:N], shapes_test.y[:N])
     names = list(shapes_oracle.class_names)
     oracle = dataclasses.replace(shapes_oracle, class_names=[EVIL_ATTRIBUTE if n == "marker" else n for n in names])
     bundle = ModelBundle(classifier=confounded_cnn, oracle=oracle, reference=shapes_biased_train)

@@ -27,7 +27,7 @@ from engine.report.dashboard import render_dashboard
 from engine.report.summary import read_shard, write_summary
 from engine.store.results import SCHEMA_VERSION, read_series, shard_uri
 from engine.store.uri import join, write_bytes_atomic
-from tests.fixtures.results import SPEC_HASH, commit_shard
+from tests.fixtures.results import SPEC_HASH, commit_shard, images_parquet
 from tests.fixtures.zoo import SHAPES
 
 N = 6
@@ -192,16 +192,9 @@ def dollar_dashboard(tmp_path_factory, fair_cnn, confounded_cnn, shapes_oracle, 
                      shapes_test):
     """Both methods' results for models, classes (the user's Parquet) and an oracle attribute named in mathtext;
     returns the page and every string the figures drew, with whether it was drawn as mathtext."""
-    import pyarrow as pa
-
     out = tmp_path_factory.mktemp("dollar")
-    blobs = []
-    for image in shapes_test.x[:N]:
-        buffer = io.BytesIO()
-        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, format="PNG")
-        blobs.append(buffer.getvalue())
     data = out / "images.parquet"
-    pq.write_table(pa.table({"image": blobs, "label": shapes_test.y[:N].numpy(), "split": ["test"] * N}), data)
+    images_parquet(data, shapes_test.x[:N], shapes_test.y[:N])
     oracle = dataclasses.replace(shapes_oracle, class_names=[DOLLAR_ATTRIBUTE if n == "marker" else n
                                                              for n in shapes_oracle.class_names])
     options = MetricOptions(confounders=(DOLLAR_ATTRIBUTE,), deletion_steps=0)

@@ -20,6 +20,7 @@ import yaml
 from engine.spec import AuditSpec, parse_spec
 from engine.store.results import finished_units, result_files
 from engine.workflows.audit import audit
+from tests.fixtures.ray import host_pids
 from tests.fixtures.s3 import tiny_audit_spec
 
 pytestmark = pytest.mark.ray
@@ -38,24 +39,10 @@ def _rows(out: str) -> pl.DataFrame:
     return pl.read_parquet(result_files(out)).drop("seconds", "unit_id").sort(KEYS)
 
 
-def _host_pids() -> list[int]:
-    """Model-host actor processes of this test's Ray (the raylet and its workers descend from this process)."""
-    import psutil  # ray ships it (ray/thirdparty_files), importable once ray is
-
-    pids = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "ModelHost" in " ".join(proc.cmdline()):
-                pids.append(proc.pid)
-        except psutil.Error:
-            pass
-    return pids
-
-
 def _kill_a_host_after_first_shard(out: str, killed: list) -> None:
     deadline = time.time() + 240
     while time.time() < deadline and not killed:
-        pids = _host_pids() if finished_units(out) else []
+        pids = host_pids() if finished_units(out) else []
         if pids:
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])

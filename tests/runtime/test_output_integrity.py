@@ -22,6 +22,7 @@ from engine.store.commit import list_files
 from engine.store.results import finished_units, result_files
 from engine.workflows.audit import audit
 from tests.fixtures.linear import save_weights
+from tests.fixtures.ray import host_pids
 from tests.fixtures.zoo import SHAPES
 
 pytestmark = pytest.mark.ray
@@ -71,19 +72,6 @@ def test_another_batch_size_or_model_file_is_refused_and_overwrite_starts_again(
     assert not rows["p_orig"].to_list() == first["p_orig"].to_list()  # the new model's results, only
 
 
-def _host_pids() -> list[int]:
-    import psutil  # ray ships it, importable once ray is
-
-    pids = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "ModelHost" in " ".join(proc.cmdline()):
-                pids.append(proc.pid)
-        except psutil.Error:
-            pass
-    return pids
-
-
 def _wait(condition, driver: subprocess.Popen, limit: float = 300.0) -> None:
     deadline = time.time() + limit
     while time.time() < deadline and driver.poll() is None and not condition():
@@ -116,7 +104,7 @@ def test_killed_at_random_points_the_results_equal_an_uninterrupted_run(tmp_path
         _wait(lambda: len(finished_units(out)) >= before + wait_for, driver)
         time.sleep(rng.uniform(0.0, 0.6))
         if rng.random() < 0.5:  # a host killed mid-unit, as the OOM killer would, then the driver
-            for pid in _host_pids()[:1]:
+            for pid in host_pids()[:1]:
                 os.kill(pid, signal.SIGKILL)
                 kills.append(("host", attempt))
             time.sleep(rng.uniform(0.0, 0.6))
