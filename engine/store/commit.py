@@ -174,6 +174,15 @@ class Claim:
         except ValueError:
             return {}
 
+    def refuse_live(self, holder: Optional[dict]) -> None:
+        """Raise ClaimError when `holder` (a claim record) is a run that still lives."""
+        if holder and _holder_alive(holder, self.ttl):
+            raise ClaimError(
+                f"output {self.out!r} is being written by run {holder.get('run_id')} (process "
+                f"{holder.get('pid')} on {holder.get('host')}); wait for it to finish, or write elsewhere. If "
+                f"that run is gone, its claim expires {self.ttl:.0f} s after its last heartbeat "
+                f"(or delete {self.uri})")
+
     def acquire(self, log: Callable[[str], Any] = lambda *_: None) -> "Claim":
         for _ in range(5):
             if _create_exclusive(self.uri, self._record()):
@@ -181,12 +190,7 @@ class Claim:
             holder = self.holder()
             if holder is None:
                 continue  # released in between: try again
-            if holder and _holder_alive(holder, self.ttl):
-                raise ClaimError(
-                    f"output {self.out!r} is being written by run {holder.get('run_id')} (process "
-                    f"{holder.get('pid')} on {holder.get('host')}); wait for it to finish, or write elsewhere. If "
-                    f"that run is gone, its claim expires {self.ttl:.0f} s after its last heartbeat "
-                    f"(or delete {self.uri})")
+            self.refuse_live(holder)
             log(f"  output: taking over the claim of run {holder.get('run_id', '?')}, which is no longer running")
             write_bytes_atomic(self.uri, self._record())
             if (self.holder() or {}).get("run_id") == self.run_id:
@@ -208,7 +212,8 @@ class Claim:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if (self.holder() or {}).get("run_id") == self.run_id:
-            filesystem(self.uri)[0].rm_file(filesystem(self.uri)[1])
+            fs, path = filesystem(self.uri)
+            fs.rm_file(path)
 
     def __enter__(self) -> "Claim":
         return self
@@ -220,10 +225,7 @@ class Claim:
 def check_unclaimed(out: str) -> None:
     """Raise ClaimError when a live run holds `out` (a preflight: the claim itself is taken later)."""
     claim = Claim(out, "")
-    holder = claim.holder()
-    if holder and _holder_alive(holder, claim.ttl):
-        raise ClaimError(f"output {out!r} is being written by run {holder.get('run_id')} (process {holder.get('pid')} "
-                         f"on {holder.get('host')}); wait for it to finish, or write elsewhere")
+    claim.refuse_live(claim.holder())
 
 
 def check_run(out: str, run_id: str) -> None:

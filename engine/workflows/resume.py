@@ -11,7 +11,7 @@ import torch
 
 from engine.runtime.plan import WorkUnit
 from engine.spec.audit import AuditSpec
-from engine.store.commit import (Claim, ClaimError, clear_output, new_run_id, output_state, query_hash, read_record,
+from engine.store.commit import (Claim, clear_output, new_run_id, output_state, query_hash, read_record,
                                  remove_temporaries)
 from engine.store.uri import exists, join, write_bytes_atomic
 
@@ -132,5 +132,3 @@ def units_to_run(spec: AuditSpec, units: list[WorkUnit], log: Callable[[str], An
         log(f"  ... and {len(redo) - 5} more unit(s) whose commit did not hold up")
     return todo
 
-
-__all__ = ["ClaimError", "check_resumable", "claim_output", "units_to_run", "weights_digest"]
