@@ -13,6 +13,7 @@ import torch
 from engine.data._common import (binary_attribute, check_fraction, check_int, check_size, check_split,
                                  decode_images, row_partition, split_indices, url_to_fs)
 from engine.data.base import ArrayDataset
+from engine.data.source import StreamingSource
 
 
 def _join(root: str, name: str) -> str:
@@ -67,19 +68,46 @@ def read_partition_file(path: str) -> dict[str, int]:
     return out
 
 
-def load_image_folder(split: str = "train", *, path: str, label_attribute: str,
+class ImageFolderSource(StreamingSource):
+    """An `image_folder` split: file names, labels and attributes held, images read and decoded per `take`."""
+
+    def __init__(self, split: str, *, files: list[str], y: np.ndarray, attributes: np.ndarray, keep: list[str],
+                 label_attribute: str, images: str, attr_path: str, channels: Optional[int],
+                 size: Optional[tuple[int, int]], center_crop: Optional[int], meta: dict) -> None:
+        self.files, self.images, self.attr_path = files, images, attr_path
+        self.fs, self.base = url_to_fs(images)
+        self.attributes = attributes.astype(np.bool_)  # [N, A] 0/1: a byte each, widened per take
+        self.channels, self.size, self.center_crop = channels, size, center_crop
+        x0, _ = self._read(np.zeros(1, dtype=np.int64))  # the shape, and channels=None's choice, of image 0
+        self.channels = int(x0.shape[1]) if channels is None else channels
+        info = ArrayDataset(
+            name="image_folder", x=torch.zeros(0, *x0.shape[1:]), y=torch.zeros(0, dtype=torch.int64),
+            class_names=[f"not_{label_attribute}", label_attribute], kind="image",
+            attributes=torch.zeros(0, len(keep)), attribute_names=keep, meta=meta)
+        super().__init__(info, torch.from_numpy(y), split)
+
+    def _read(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        names = [self.files[i] for i in positions]
+        blobs = []
+        for name in names:
+            try:
+                blobs.append(self.fs.cat_file(self.base.rstrip("/") + "/" + name))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"image_folder: image {name!r} listed in {self.attr_path} not found "
+                                        f"in {self.images}") from None
+        x = decode_images(blobs, f"image_folder {self.images}", channels=self.channels, size=self.size,
+                          center_crop=self.center_crop, names=names)
+        return torch.from_numpy(x), torch.from_numpy(self.attributes[positions].astype(np.float32))
+
+
+def open_image_folder(split: str = "train", *, path: str, label_attribute: str,
                       attr_file: str = "list_attr_celeba.txt", image_dir: Optional[str] = None,
                       attributes: Optional[Sequence[str]] = None, partition_file: Optional[str] = None,
                       test_partitions: Optional[Sequence[int]] = None, test_fraction: float = 0.2, seed: int = 0,
                       size=None, center_crop: Optional[int] = None, channels: int = 3,
-                      limit: Optional[int] = None) -> ArrayDataset:
-    """x [N, C, H, W] float32 in [0, 1]; y [N] = `label_attribute` (0/1); attributes [N, A] = the other ones.
-
-    path: the dataset directory; attr_file, partition_file and image_dir are relative to it (image_dir
-    defaults to path/img_align_celeba when that exists, else path). attributes: which of the other attributes
-    to keep (default all). Without a partition file the split is stratified by `test_fraction` and `seed`.
-    center_crop: square crop side applied before `size` (int or [h, w]) resizing.
-    """
+                      limit: Optional[int] = None) -> ImageFolderSource:
+    """Open a split for `take` (options as `load_image_folder`): reads the attribute and partition files and
+    the split's first image (for its shape); no other image."""
     check_split("image_folder", split)
     size = check_size("image_folder", size)
     test_fraction = check_fraction("image_folder", "test_fraction", test_fraction, open_ends=True)
@@ -124,20 +152,32 @@ def load_image_folder(split: str = "train", *, path: str, label_attribute: str,
         images = _join(str(path), "img_align_celeba") if fs.isdir(default) else str(path)
     else:
         images = _join(str(path), image_dir)
-    ifs, ibase = url_to_fs(images)
-    blobs = []
-    for i in rows:
-        try:
-            blobs.append(ifs.cat_file(ibase.rstrip("/") + "/" + files[i]))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image_folder: image {files[i]!r} listed in {attr_path} not found "
-                                    f"in {images}") from None
-    x = decode_images(blobs, f"image_folder {images}", channels=channels, size=size, center_crop=center_crop,
-                      names=[files[i] for i in rows])
+    split_files = [files[i] for i in rows]
     idx = [names.index(a) for a in keep]
-    return ArrayDataset(
-        name="image_folder", x=torch.from_numpy(x), y=torch.from_numpy(y[rows]),
-        class_names=[f"not_{label_attribute}", label_attribute], kind="image",
-        attributes=torch.from_numpy(np.ascontiguousarray(values[rows][:, idx])), attribute_names=keep,
-        meta={"source": str(path), "attr_file": attr_path, "files": [files[i] for i in rows],
+    return ImageFolderSource(
+        split, files=split_files, y=y[rows], attributes=values[rows][:, idx], keep=keep,
+        label_attribute=label_attribute, images=images, attr_path=attr_path, channels=channels, size=size,
+        center_crop=center_crop,
+        meta={"source": str(path), "attr_file": attr_path, "files": split_files,
               "label_attribute": label_attribute, "seed": seed, "limit": limit})
+
+
+def load_image_folder(split: str = "train", *, path: str, label_attribute: str,
+                      attr_file: str = "list_attr_celeba.txt", image_dir: Optional[str] = None,
+                      attributes: Optional[Sequence[str]] = None, partition_file: Optional[str] = None,
+                      test_partitions: Optional[Sequence[int]] = None, test_fraction: float = 0.2, seed: int = 0,
+                      size=None, center_crop: Optional[int] = None, channels: int = 3,
+                      limit: Optional[int] = None) -> ArrayDataset:
+    """x [N, C, H, W] float32 in [0, 1]; y [N] = `label_attribute` (0/1); attributes [N, A] = the other ones.
+
+    path: the dataset directory; attr_file, partition_file and image_dir are relative to it (image_dir
+    defaults to path/img_align_celeba when that exists, else path). attributes: which of the other attributes
+    to keep (default all). Without a partition file the split is stratified by `test_fraction` and `seed`.
+    center_crop: square crop side applied before `size` (int or [h, w]) resizing.
+    """
+    source = open_image_folder(
+        split, path=path, label_attribute=label_attribute, attr_file=attr_file, image_dir=image_dir,
+        attributes=attributes, partition_file=partition_file, test_partitions=test_partitions,
+        test_fraction=test_fraction, seed=seed, size=size, center_crop=center_crop, channels=channels,
+        limit=limit)
+    return source.take(np.arange(len(source)))

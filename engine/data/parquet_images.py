@@ -16,6 +16,7 @@ from engine.data._common import (binary_attribute, check_fraction, check_int, ch
                                  decode_images, encode_labels, missing_column, row_partition, split_indices,
                                  url_to_fs)
 from engine.data.base import ArrayDataset
+from engine.data.source import StreamingSource
 
 
 def _nested_to_numpy(arr: pa.Array, where: str) -> np.ndarray:
@@ -76,19 +77,109 @@ def _image_array(col: pa.ChunkedArray, where: str, channels: Optional[int],
     return x.numpy()
 
 
-def load_parquet_images(split: str = "train", *, path: str, image_column: str = "image",
+# Rows per Arrow batch when reading a row group: a writer's default group can hold a whole file, so a group
+# is streamed and only the wanted rows of each batch are kept (transient bytes ~ this many encoded images).
+_READ_BATCH = 256
+
+
+def _streamed_pages():
+    """Scan options that read a column chunk page by page instead of whole (Arrow's default pre-buffers it)."""
+    import pyarrow.dataset as pads
+
+    return pads.ParquetFragmentScanOptions(use_buffered_stream=True, buffer_size=1 << 20, pre_buffer=False)
+
+
+class RowGroupIndex:
+    """Where each row of a Parquet dataset lives, from the files' footers: row group k (of file
+    `fragment[k]`, id `row_group[k]` there) holds the dataset's rows [starts[k], starts[k + 1])."""
+
+    def __init__(self, data) -> None:
+        self.fragments = list(data.get_fragments())  # dataset order = the row order of data.to_table()
+        fragment, row_group, counts = [], [], []
+        for f, frag in enumerate(self.fragments):
+            frag.ensure_complete_metadata()
+            for rg in frag.row_groups:
+                fragment.append(f)
+                row_group.append(rg.id)
+                counts.append(rg.num_rows)
+        self.fragment = np.array(fragment, dtype=np.int64)
+        self.row_group = np.array(row_group, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+    def read(self, rows: np.ndarray, columns: list[str], schema: pa.Schema) -> pa.Table:
+        """Global rows [K] (any order) -> their `columns`, reading only the row groups that hold them."""
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        group = np.searchsorted(self.starts, ordered, side="right") - 1
+        batches = []
+        for lo, hi in _runs(group):
+            k = group[lo]
+            offsets = ordered[lo:hi] - self.starts[k]
+            part = self.fragments[self.fragment[k]].subset(row_group_ids=[int(self.row_group[k])])
+            start = 0
+            for batch in part.to_batches(schema=schema, columns=columns, batch_size=_READ_BATCH,
+                                         batch_readahead=1, fragment_readahead=1,
+                                         fragment_scan_options=_streamed_pages()):
+                first, last = np.searchsorted(offsets, [start, start + batch.num_rows])
+                if last > first:
+                    batches.append(batch.take(pa.array(offsets[first:last] - start)))
+                start += batch.num_rows
+                if start > offsets[-1]:
+                    break  # the rest of the group holds no wanted row
+        table = pa.Table.from_batches(batches)
+        if table.num_rows != len(rows):
+            raise ValueError(f"parquet_images: read {table.num_rows} of {len(rows)} rows; "
+                             f"the files changed since the split was opened")
+        return table if (order == np.arange(len(rows))).all() else table.take(pa.array(np.argsort(order)))
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted values [K] -> [(lo, hi)] of each run of equal values."""
+    cuts = np.flatnonzero(np.diff(values)) + 1
+    edges = np.concatenate([[0], cuts, [len(values)]])
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+class ParquetImagesSource(StreamingSource):
+    """A `parquet_images` split: labels and the row-group index held, images decoded per `take`."""
+
+    def __init__(self, split: str, *, data, index: RowGroupIndex, rows: np.ndarray, y: np.ndarray,
+                 names: list[str], where: str, image_column: str, attribute_columns: list[str],
+                 channels: Optional[int], size: Optional[tuple[int, int]], meta: dict) -> None:
+        self.data, self.index, self.rows, self.where = data, index, rows, where
+        self.image_column, self.attribute_columns, self.size = image_column, attribute_columns, size
+        self.channels = channels
+        # channels default to the split's first image's (as load_dataset decodes it); fixed here for every take
+        x0, _ = self._read(np.zeros(1, dtype=np.int64), attributes=False)
+        self.channels = int(x0.shape[1]) if channels is None else channels
+        info = ArrayDataset(
+            name="parquet_images", x=torch.zeros(0, *x0.shape[1:]), y=torch.zeros(0, dtype=torch.int64),
+            class_names=names, kind="image",
+            attributes=torch.zeros(0, len(attribute_columns)) if attribute_columns else None,
+            attribute_names=attribute_columns, meta=meta)
+        super().__init__(info, torch.from_numpy(y), split)
+
+    def _read(self, positions: np.ndarray, attributes: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        columns = [self.image_column] + (self.attribute_columns if attributes else [])
+        table = self.index.read(self.rows[positions], columns, self.data.schema)
+        x = _image_array(table.column(self.image_column), f"{self.where} column {self.image_column!r}",
+                         self.channels, self.size)
+        attrs = None
+        if attributes and self.attribute_columns:
+            attrs = torch.from_numpy(np.stack(
+                [binary_attribute(table.column(c).to_numpy(zero_copy_only=False), f"{self.where} column {c!r}")
+                 for c in self.attribute_columns], axis=1))
+        return torch.from_numpy(x), attrs
+
+
+def open_parquet_images(split: str = "train", *, path: str, image_column: str = "image",
                         label_column: str = "label", attribute_columns: Optional[Sequence[str]] = None,
                         split_column: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
                         test_partitions: Optional[Sequence[int]] = None, test_fraction: float = 0.2,
                         seed: int = 0, size=None, channels: Optional[int] = None,
-                        limit: Optional[int] = None) -> ArrayDataset:
-    """x [N, C, H, W] float32 in [0, 1] (uint8 scaled by 1/255), y [N] int64, attributes [N, A] 0/1.
-
-    Labels: integers index class_names (default "0".."K-1"); other values map to sorted unique names.
-    Splits: `split_column` of "train"/"test" strings or integer codes (0 = train, test = `test_partitions`,
-    default every non-zero code); without one, a stratified `test_fraction` split by `seed`.
-    size: resize to int or [h, w]. channels: 1 or 3 for encoded images (default: the first image's).
-    """
+                        limit: Optional[int] = None) -> ParquetImagesSource:
+    """Open a split for `take` (options as `load_parquet_images`): reads the footers, labels and split column,
+    and the split's first image (for its shape and default channels); no other image."""
     import pyarrow.dataset as pads
 
     where = f"parquet_images {path}"
@@ -103,6 +194,7 @@ def load_parquet_images(split: str = "train", *, path: str, image_column: str = 
         raise FileNotFoundError(f"parquet_images: file {path} (option 'path') does not exist")
     try:
         data = pads.dataset(fpath, filesystem=fs, format="parquet")
+        index = RowGroupIndex(data)
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"{where} (option 'path'): cannot be read as Parquet: {str(err).splitlines()[-1]}") from None
     available = data.schema.names
@@ -127,14 +219,29 @@ def load_parquet_images(split: str = "train", *, path: str, image_column: str = 
         rows = rows[:limit]
     if not len(rows):
         raise ValueError(f"{where}: no rows for split {split!r}")
-    table = data.take(pa.array(rows), columns=[image_column] + attribute_columns)
-    x = _image_array(table.column(image_column), f"{where} column {image_column!r}", channels, size)
-    attrs = None
-    if attribute_columns:
-        attrs = torch.from_numpy(np.stack(
-            [binary_attribute(table.column(c).to_numpy(zero_copy_only=False), f"{where} column {c!r}")
-             for c in attribute_columns], axis=1))
-    return ArrayDataset(name="parquet_images", x=torch.from_numpy(x), y=torch.from_numpy(y[rows]),
-                        class_names=names, kind="image", attributes=attrs, attribute_names=attribute_columns,
-                        meta={"source": str(path), "image_column": image_column, "label_column": label_column,
-                              "split_column": split_column, "seed": seed, "limit": limit})
+    return ParquetImagesSource(
+        split, data=data, index=index, rows=rows.astype(np.int64), y=y[rows], names=names, where=where,
+        image_column=image_column, attribute_columns=attribute_columns, channels=channels, size=size,
+        meta={"source": str(path), "image_column": image_column, "label_column": label_column,
+              "split_column": split_column, "seed": seed, "limit": limit})
+
+
+def load_parquet_images(split: str = "train", *, path: str, image_column: str = "image",
+                        label_column: str = "label", attribute_columns: Optional[Sequence[str]] = None,
+                        split_column: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
+                        test_partitions: Optional[Sequence[int]] = None, test_fraction: float = 0.2,
+                        seed: int = 0, size=None, channels: Optional[int] = None,
+                        limit: Optional[int] = None) -> ArrayDataset:
+    """x [N, C, H, W] float32 in [0, 1] (uint8 scaled by 1/255), y [N] int64, attributes [N, A] 0/1.
+
+    Labels: integers index class_names (default "0".."K-1"); other values map to sorted unique names.
+    Splits: `split_column` of "train"/"test" strings or integer codes (0 = train, test = `test_partitions`,
+    default every non-zero code); without one, a stratified `test_fraction` split by `seed`.
+    size: resize to int or [h, w]. channels: 1 or 3 for encoded images (default: the first image's).
+    """
+    source = open_parquet_images(
+        split, path=path, image_column=image_column, label_column=label_column,
+        attribute_columns=attribute_columns, split_column=split_column, class_names=class_names,
+        test_partitions=test_partitions, test_fraction=test_fraction, seed=seed, size=size, channels=channels,
+        limit=limit)
+    return source.take(np.arange(len(source)))

@@ -17,7 +17,6 @@ import bz2
 import csv
 import functools
 import importlib.util
-import io
 import re
 from collections import Counter
 from pathlib import Path

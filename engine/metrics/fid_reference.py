@@ -57,21 +57,23 @@ def build_extractor(choice: FidChoice, dataset_name: str, dataset_options: dict,
     return domain_extractor(dataset_name, dataset_options, cache_dir, device, log)
 
 
-def reference_state(extractor, x: torch.Tensor, samples: int, seed: int, log: Log = None) -> FrechetState:
-    """Features of `samples` real images drawn (seeded, without replacement) from x [N, C, H, W].
+def reference_state(extractor, x, samples: int, seed: int, log: Log = None) -> FrechetState:
+    """Features of `samples` real images drawn (seeded, without replacement) from x: a tensor [N, C, H, W], or
+    a split read on demand (engine.data.source.SplitSource), of which only the drawn rows are read.
 
     Fed to the extractor in chunks of its own batch size (the same batches as one call), so `log` can get
     progress lines without changing a feature.
     """
+    rows = (lambda index: x[index]) if isinstance(x, torch.Tensor) else (lambda index: x.take(index).x.float())
     generator = torch.Generator().manual_seed(int(seed))
-    index = torch.randperm(x.shape[0], generator=generator)[:min(samples, x.shape[0])]
+    index = torch.randperm(len(x), generator=generator)[:min(samples, len(x))]
     chunk = max(1, int(getattr(extractor, "batch_size", len(index) or 1)))
     if len(index) <= chunk:
-        return FrechetState.of(extractor(x[index]).double().cpu().numpy())
+        return FrechetState.of(extractor(rows(index)).double().cpu().numpy())
     progress = Progress("FID reference", log, len(index), unit="images")
     features = []
     for i in range(0, len(index), chunk):
-        features.append(extractor(x[index[i:i + chunk]]))
+        features.append(extractor(rows(index[i:i + chunk])))
         progress.update(len(features[-1]))
     progress.close()
     return FrechetState.of(torch.cat(features).double().cpu().numpy())

@@ -1,19 +1,25 @@
-"""ModelHost: the callable class Ray Data runs under `map_batches` with an actor pool.
+"""ModelHost: one Ray actor that keeps models resident and runs work units on them.
 
-Each actor keeps the fleet's classifiers, the reference data and the methods resident; a batch is a
-few work units; each unit's rows are written as one atomic Parquet shard, and a small summary row
-per unit goes back to the driver.
+A host holds the domain's generator and oracle, a bounded reference sample of the training split, and at most
+`runtime.models_per_host` fleet models (least recently used evicted); the driver's scheduler routes each unit
+to the host already holding its model (engine.runtime.scheduler). A unit arrives as query ids; the host reads
+those rows from the dataset's files (engine.data.source), so no process holds a whole split. Each unit's rows
+are written as one atomic Parquet shard, and a small summary row goes back to the driver.
 """
 from __future__ import annotations
 
+import gc
+import os
+import resource
 import time
 import traceback
+from collections import OrderedDict
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from engine.data import load_dataset
+from engine.data.source import open_split
 from engine.explain import explain_unit
 from engine.metrics.fid_reference import FidChoice, build_extractor
 from engine.metrics.per_query import MetricOptions
@@ -36,6 +42,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class ModelHost:
     def __init__(self, spec: dict[str, Any], run_id: str, num_threads: int = 1,
                  fid: Optional[dict[str, Any]] = None) -> None:
@@ -45,45 +56,77 @@ class ModelHost:
         self.run_id = run_id
         self.spec = AuditSpec.model_validate(spec)
         self.device = pick_device(self.spec.runtime.device)
-        self.reference = load_dataset(self.spec.dataset.name, "train", **self.spec.dataset.options)
-        self.input_shape = self.reference.input_shape
+        dataset = self.spec.dataset
+        self.queries = open_split(dataset.name, self.spec.queries.split, **dataset.options)
+        self.input_shape = self.queries.info.input_shape
         self.methods = {m.name: make_method(m.name, m.params) for m in self.spec.methods}
+        # Reference rows only for the methods that read them (Gradual Construction); the others get the split's
+        # description alone (value range, tabular schema) and nothing of the training data is read.
+        if any("reference" in method.requires for method in self.methods.values()):
+            self.reference = open_split(dataset.name, "train", **dataset.options).sample(
+                self.spec.runtime.reference_samples, self.spec.seed)
+        else:
+            self.reference = self.queries.info
         self.entries = {m.id: m for m in self.spec.fleet}
-        self.bundles: dict[str, ModelBundle] = {}
+        self.bundles: "OrderedDict[str, ModelBundle]" = OrderedDict()  # least recently used first
+        self.budget = self.spec.runtime.models_per_host
+        self.loaded: list[str] = []  # models loaded since the last `run` reported them
+        self.peak_resident = 0
         self.spec_hash = self.spec.spec_hash()
         quiet, cache = (lambda *_: None), self.spec.runtime.cache_dir
         # The generator and the oracle are the domain's, shared by every model this actor hosts.
         self.generator = None if self.spec.generator is None else resolve_generator(
-            self.spec.generator, self.spec.dataset, cache, self.device, log=quiet)
+            self.spec.generator, dataset, cache, self.device, log=quiet)
         self.oracle = None if self.spec.oracle is None else resolve_oracle(
-            self.spec.oracle, self.spec.dataset, cache, self.device, log=quiet)
-        extractor = build_extractor(FidChoice(**(fid or {"kind": None})), self.spec.dataset.name,
-                                    self.spec.dataset.options, cache, self.device, log=quiet)
+            self.spec.oracle, dataset, cache, self.device, log=quiet)
+        extractor = build_extractor(FidChoice(**(fid or {"kind": None})), dataset.name,
+                                    dataset.options, cache, self.device, log=quiet)
         self.metrics = MetricOptions.from_spec(self.spec.metrics, self.spec.confounders(), extractor)
         self.telemetry = Telemetry()
 
+    def ready(self) -> int:
+        """The scheduler's start (and restart) check: returns once the constructor has run."""
+        return os.getpid()
+
     def bundle(self, model_id: str) -> ModelBundle:
-        if model_id not in self.bundles:
-            handle = resolve_classifier(self.entries[model_id], self.spec.dataset, self.spec.runtime.cache_dir,
-                                        self.device, log=lambda *_: None)
-            entry = self.spec.explainer_entry()  # set when a method needs Progressive Exaggeration's explainer
-            explainer = None if entry is None else resolve_explainer(
-                handle, entry, self.spec.dataset, self.spec.runtime.cache_dir, self.device,
-                checkpoint_root=self.spec.output, log=lambda *_: None)
-            self.bundles[model_id] = ModelBundle(classifier=handle, generator=self.generator, oracle=self.oracle,
-                                                 reference=self.reference, device=self.device, explainer=explainer)
+        """The model's bundle, loaded when not resident (evicting the least recently used past the budget)."""
+        if model_id in self.bundles:
+            self.bundles.move_to_end(model_id)
+            return self.bundles[model_id]
+        while len(self.bundles) >= self.budget:
+            self.bundles.popitem(last=False)
+            gc.collect()  # a module's tensors go now, not at the next collection
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        handle = resolve_classifier(self.entries[model_id], self.spec.dataset, self.spec.runtime.cache_dir,
+                                    self.device, log=lambda *_: None)
+        entry = self.spec.explainer_entry()  # set when a method needs Progressive Exaggeration's explainer
+        explainer = None if entry is None else resolve_explainer(
+            handle, entry, self.spec.dataset, self.spec.runtime.cache_dir, self.device,
+            checkpoint_root=self.spec.output, log=lambda *_: None)
+        self.bundles[model_id] = ModelBundle(classifier=handle, generator=self.generator, oracle=self.oracle,
+                                             reference=self.reference, device=self.device, explainer=explainer)
+        self.loaded.append(model_id)
+        self.peak_resident = max(self.peak_resident, len(self.bundles))
         return self.bundles[model_id]
 
     def run_unit(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Explain one unit and write its shard. `row` holds its ids (`query_ids` as int64 bytes); the query
+        rows are read from the dataset unless the row carries them (`x` float32 and `labels` int64 bytes)."""
         start = time.perf_counter()
         model_id, method_name, part = str(row["model_id"]), str(row["method"]), int(row["part"])
         query_ids = np.frombuffer(row["query_ids"], dtype=np.int64)
-        labels = np.frombuffer(row["labels"], dtype=np.int64)
-        x = np.frombuffer(row["x"], dtype=np.float32).reshape(len(query_ids), *self.input_shape)
+        if "x" in row:
+            labels = torch.from_numpy(np.frombuffer(row["labels"], dtype=np.int64).copy())
+            x = torch.from_numpy(np.frombuffer(row["x"], dtype=np.float32).reshape(
+                len(query_ids), *self.input_shape).copy())
+        else:
+            rows = self.queries.take(query_ids)
+            x, labels = rows.x.float(), rows.y
         method = self.methods[method_name]
+        bundle = self.bundle(model_id)
         table = explain_unit(
-            method, self.bundle(model_id), torch.from_numpy(x.copy()), torch.from_numpy(query_ids.copy()),
-            torch.from_numpy(labels.copy()), self.spec.targets, seed=self.spec.seed,
+            method, bundle, x, torch.from_numpy(query_ids.copy()), labels, self.spec.targets, seed=self.spec.seed,
             meta={"job": self.spec.name, "spec_hash": self.spec_hash, "model_id": model_id,
                   "method": method_name, "config_hash": config_hash(method_name, method.config),
                   "unit_id": str(row["unit_id"])}, metrics=self.metrics)
@@ -123,6 +166,15 @@ class ModelHost:
                     "attempts": attempt}
         finally:
             self.telemetry.in_flight(tags, -1)
+
+    def run(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The scheduler's call: run_with_retries, plus this host's account (models it loaded for this unit,
+        models resident, peak RSS) so that the driver's account survives a host's restart."""
+        result = self.run_with_retries(row)
+        result.update(loaded_models=list(self.loaded), resident=len(self.bundles), peak_resident=self.peak_resident,
+                      peak_rss_mib=peak_rss_mib(), pid=os.getpid(), rows_read=self.queries.rows_read)
+        self.loaded.clear()
+        return result
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {k: [] for k in ("unit_id", "rows", "success", "seconds", "error", "attempts")}

@@ -252,6 +252,11 @@ class RuntimeSpec(Strict):
     max_retries: int = Field(default=2, ge=0, description="re-runs of a unit that raised, before it is recorded failed")
     host_start_timeout_s: float = Field(default=600, gt=0, description="seconds a model host may take to start "
                                         "(the cluster finding room for it, then its constructor); past it the job ends")
+    models_per_host: int = Field(default=4, gt=0, description="fleet models a host keeps loaded at once (least "
+                                 "recently used evicted); units go to the host already holding their model")
+    reference_samples: int = Field(default=10000, gt=0, description="training samples a host reads for the methods "
+                                   "that need reference data (Gradual Construction's class statistics); a seeded "
+                                   "sample when the split is larger, the whole split in order otherwise")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     include_dashboard: bool = False
     cache_dir: Optional[str] = None
@@ -379,6 +384,8 @@ class AuditSpec(Strict):
     def spec_hash(self) -> str:
         """Hash of everything that determines the results (not runtime placement)."""
         # reference_model changes only the reports, not the results.
-        payload = self.model_dump(exclude={"runtime": True, "overwrite": True, "output": True,
+        # Of the runtime, only the reference sample's bound changes a result (Gradual Construction's statistics).
+        placement = set(RuntimeSpec.model_fields) - {"reference_samples"}
+        payload = self.model_dump(exclude={"runtime": placement, "overwrite": True, "output": True,
                                            "metrics": {"reference_model"}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

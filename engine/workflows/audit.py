@@ -1,23 +1,23 @@
 """audit(spec): plan -> Ray Data actor pool of ModelHosts -> Parquet shards -> summary report."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import polars as pl
+import torch
 
-from engine.data import load_dataset
+from engine.data.source import open_split
 from engine.metrics.fid_reference import (build_extractor, read_reference, reference_state, resolve_choice,
                                           write_reference)
 from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
 from engine.progress import Progress
-from engine.runtime.plan import QueryAttacher, WorkUnit, plan_units, select_queries, unit_descriptor
+from engine.runtime.plan import WorkUnit, plan_units, select_queries
 from engine.spec.audit import AuditSpec
 from engine.store.commit import Claim, check_unclaimed
 from engine.store.results import result_files
 from engine.store.uri import check_writable, join, write_bytes_atomic
-from engine.workflows.preflight import check_claim, check_dataset, check_fleet
+from engine.workflows.preflight import PROBE_QUERIES, check_claim, check_fleet, check_split
 from engine.workflows.resume import check_resumable, claim_output, units_to_run, weights_digest
 from engine.workflows.stages import Stages
 
@@ -32,6 +32,7 @@ class AuditResult:
     units_retried: int = 0
     summary: pl.DataFrame | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    account: dict = field(default_factory=dict)  # reports/account.json: peak memory, model loads per host
 
 
 def check_confounders(spec: AuditSpec, oracle, log: Callable[[str], None]) -> None:
@@ -61,15 +62,26 @@ def write_failures(out: str, failed: list[tuple[str, str]]) -> None:
     write_bytes_atomic(join(out, "reports", "failures.parquet"), buffer.getvalue())
 
 
-def write_fid_reference(spec: AuditSpec, extractor, data, log: Callable[[str], None]) -> None:
-    """The real-image FrechetState of the query split, once per output (kept on resume)."""
-    import torch
+def write_account(out: str, result: AuditResult) -> None:
+    """<out>/reports/account.json: this run's driver peak RSS, and per host its units, model loads, peak resident
+    models and peak RSS (MiB); `model_loads` per model id."""
+    import json
 
+    from engine.runtime.host import peak_rss_mib
+
+    result.account = {"driver_peak_rss_mib": round(peak_rss_mib(), 1), "hosts": [], "model_loads": {},
+                      **result.account, "units_done": result.units_done, "units_failed": len(result.units_failed),
+                      "explain_seconds": round(result.stage_seconds.get("explain", 0.0), 3)}
+    write_bytes_atomic(join(out, "reports", "account.json"), json.dumps(result.account, indent=1).encode())
+
+
+def write_fid_reference(spec: AuditSpec, extractor, source, log: Callable[[str], None]) -> None:
+    """The real-image FrechetState of the query split (only the sampled rows are read), once per output (kept
+    on resume)."""
     previous = read_reference(spec.output)
     if previous is not None and previous[0] == extractor.name:
         return
-    x = torch.as_tensor(data.x, dtype=torch.float32)
-    state = reference_state(extractor, x, spec.metrics.fid.reference_samples, spec.seed, log)
+    state = reference_state(extractor, source, spec.metrics.fid.reference_samples, spec.seed, log)
     write_reference(spec.output, extractor.name, state)
     log(f"  FID reference: {state.n} real {spec.queries.split} images through {extractor.name}")
 
@@ -85,12 +97,14 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
     check_unclaimed(spec.output)  # another live run writing it: refused before training
     stages = Stages(log)
     with stages.stage("data"):
-        queries_data = load_dataset(spec.dataset.name, spec.queries.split, **spec.dataset.options)
-        check_dataset(queries_data, spec.queries.split)
-        query_ids = select_queries(queries_data, spec.queries.count, spec.queries.seed, spec.queries.classes)
+        # Read on demand: the labels now, the rows of the queries when needed (user files are never held whole).
+        source = open_split(spec.dataset.name, spec.queries.split, **spec.dataset.options)
+        query_ids = select_queries(source, spec.queries.count, spec.queries.seed, spec.queries.classes)
+        check_split(source, spec.queries.split, query_ids)
         units = plan_units(spec, query_ids)
         check_resumable(spec, units)  # another cut of the queries into units: refused before training
-        log(f"  {spec.dataset.name}/{spec.queries.split}: {len(queries_data)} samples, {len(query_ids)} queries")
+        log(f"  {spec.dataset.name}/{spec.queries.split}: {len(source)} samples, {len(query_ids)} queries"
+            + (" (read from its files as needed)" if source.streaming else ""))
     with stages.stage("models"):
         # Train or fetch every built-in model once here, so the hosts only read the cache.
         explainer, handles, explainers = spec.explainer_entry(), [], {}
@@ -106,8 +120,9 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         if spec.oracle is not None:
             oracle = resolve_oracle(spec.oracle, spec.dataset, spec.runtime.cache_dir, log=log)
         check_confounders(spec, oracle, log)
-        check_fleet(spec, handles, queries_data, query_ids, generator, oracle, explainers)  # a dry run per model
-        fid = resolve_choice(spec.metrics.fid.extractor, spec.metrics.fid.weights, queries_data.kind == "image", log)
+        probe = source.take(query_ids[:PROBE_QUERIES])
+        check_fleet(spec, handles, probe, torch.arange(len(probe)), generator, oracle, explainers)  # a dry run
+        fid = resolve_choice(spec.metrics.fid.extractor, spec.metrics.fid.weights, source.info.kind == "image", log)
         extractor = build_extractor(fid, spec.dataset.name, spec.dataset.options, spec.runtime.cache_dir,
                                     pick_device(spec.runtime.device), log)
         digests = {h.model_id: weights_digest(h.module) for h in handles}
@@ -117,7 +132,7 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         claim = claim_output(spec, units, digests, log)  # this run's from here on: released when it ends
         try:
             if extractor is not None:
-                write_fid_reference(spec, extractor, queries_data, log)
+                write_fid_reference(spec, extractor, source, log)
             todo = units_to_run(spec, units, log)
         except BaseException:
             claim.release()
@@ -142,6 +157,8 @@ def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUn
         with stages.stage("explain"):
             run_units(spec, todo, fid, claim.run_id, result, log, progress)
     write_failures(spec.output, result.units_failed)
+    result.stage_seconds = stages.seconds
+    write_account(spec.output, result)
     closing: list[str] = []  # the fleet table and the dashboard's path end the job's output
     with stages.stage("report"):
         if result_files(spec.output):
@@ -176,65 +193,43 @@ def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUn
 
 def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: AuditResult,
               log: Callable[[str], None], progress: bool) -> None:
-    """Fan the units out to an actor pool of ModelHosts (Ray Data); count what each reported in `result`."""
-    import ray
-    import ray.data
-
+    """Run the units on `runtime.num_actors` ModelHosts, each unit routed to the host holding its model
+    (engine.runtime.scheduler); count what each reported in `result`, and the hosts' account."""
     from engine.runtime.cluster import start_ray
     from engine.runtime.host import ModelHost
-    from engine.runtime.host_start import pool_rows, probe_host
+    from engine.runtime.host_start import probe_host
+    from engine.runtime.scheduler import run_scheduled
 
     log(f"  starting Ray and {spec.runtime.num_actors} model host(s)")
     start_ray(spec.runtime.address, include_dashboard=spec.runtime.include_dashboard)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the driver's bar counts queries
-    # A unit's exceptions are caught and retried in its host; a block that still errors means its
-    # host process died max_retries + 1 times on it. Drop that one unit (recorded below), not the job.
-    context.max_errored_blocks = -1
-    # Every host of the pool must be up within the start timeout, else the job ends; probe_host below ends it
-    # sooner when a host's constructor raises or its process dies in it every time.
-    start_timeout_s = spec.runtime.host_start_timeout_s
-    context.wait_for_min_actors_s = start_timeout_s  # typed int, used as ray.get's timeout
-    rows = [unit_descriptor(u) for u in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        QueryAttacher, batch_size=1, batch_format="numpy", num_cpus=0,  # never blocks a host
-        compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_kwargs={"name": spec.dataset.name, "split": spec.queries.split,
-                               "options": spec.dataset.options})
     threads = max(1, int(spec.runtime.num_cpus_per_actor))
     host_kwargs = {"spec": spec.model_dump(mode="json"), "run_id": run_id, "num_threads": threads,
                    "fid": {"kind": fid.kind, "weights": fid.weights}}
+    # A host whose constructor raises or dies every time ends the job here, not in endless restarts.
     probe_host(ModelHost, host_kwargs, {"num_cpus": spec.runtime.num_cpus_per_actor,
                                         "num_gpus": spec.runtime.num_gpus_per_actor},
-               attempts=spec.runtime.max_retries + 1, timeout_s=start_timeout_s)
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for an actor's retry bounds yet, so they go through the
-        # (deprecated) **ray_remote_args: a dead host is replaced, its unit re-run max_retries times.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        out = ds.map_batches(
-            ModelHost, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=spec.runtime.num_actors),
-            num_cpus=spec.runtime.num_cpus_per_actor, num_gpus=spec.runtime.num_gpus_per_actor or None,
-            max_restarts=-1, max_task_retries=spec.runtime.max_retries, fn_constructor_kwargs=host_kwargs)
+               attempts=spec.runtime.max_retries + 1, timeout_s=spec.runtime.host_start_timeout_s)
     sizes = {u.unit_id: len(u.query_ids) for u in todo}
     # A tqdm bar on a terminal, else a plain line every few seconds (logs, CI, `ray job submit`).
     bar = Progress("explain", log if progress else None, sum(sizes.values()), unit="queries", bar=True)
-    reported: set[str] = set()
-    for row in pool_rows(out, start_timeout_s, spec.runtime.num_actors):
-        reported.add(row["unit_id"])
+
+    def on_result(row: dict) -> None:
         attempts = int(row.get("attempts", 1))
-        result.units_retried += int(attempts > 1)
         if row["error"]:
             result.units_failed.append((row["unit_id"], row["error"]))
-            log(f"  unit {row['unit_id']} failed after {attempts} attempt(s): {row['error'].splitlines()[0]}")
+            why = row["error"].splitlines()[0]
+            host = why.startswith(("HostDied", "HostStartError"))  # its count is in the message
+            log(f"  unit {row['unit_id']} failed" + ("" if host else f" after {attempts} attempt(s)") + f": {why}")
         else:
             result.units_done += 1
+            result.units_retried += int(attempts > 1)
         bar.update(sizes.get(row["unit_id"], 0), units=f"{result.units_done}/{len(todo)}",
                    failed=len(result.units_failed))
+
+    account = run_scheduled(ModelHost, host_kwargs, todo, spec.runtime, on_result, log)
     bar.close()
-    for unit in todo:
-        if unit.unit_id not in reported:
-            error = (f"HostDied: the host process died {spec.runtime.max_retries + 1} times running this "
-                     "unit (killed, out of memory, or a crash in native code)")
-            result.units_failed.append((unit.unit_id, error))
-            log(f"  unit {unit.unit_id} failed: {error}")
+    result.account = account.as_dict()
+    loads = sum(result.account["model_loads"].values())
+    log(f"  model loads: {loads} for {len(result.account['model_loads'])} model(s); resident per host at most "
+        f"{max((h['peak_resident'] for h in result.account['hosts']), default=0)} "
+        f"(runtime.models_per_host {spec.runtime.models_per_host})")

@@ -51,6 +51,31 @@ def check_dataset(data: ArrayDataset, split: str) -> None:
                          f"{data.class_names}, e.g. rows {_rows(bad)} with labels {data.y[bad][:5].tolist()}")
 
 
+def check_split(source: Any, split: str, query_ids: torch.Tensor, block_rows: int = 1024) -> None:
+    """check_dataset for a split read on demand (engine.data.source): every label, and the values of the
+    query rows read in blocks of `block_rows` (an in-memory split is checked whole, as before)."""
+    if not source.streaming:
+        check_dataset(source.data, split)
+        return
+    where = f"dataset {source.name!r} ({split} split)"
+    if len(source) == 0:
+        raise ValueError(f"{where}: holds no samples")
+    labels, classes = source.labels, source.info.class_names
+    bad = (labels < 0) | (labels >= len(classes))
+    if bool(bad.any()):
+        raise ValueError(f"{where}: {int(bad.sum())} label(s) outside [0, {len(classes)}) for classes "
+                         f"{classes}, e.g. rows {_rows(bad)} with labels {labels[bad][:5].tolist()}")
+    bad_rows: list[int] = []
+    for start in range(0, len(query_ids), block_rows):
+        ids = query_ids[start:start + block_rows]
+        finite = torch.isfinite(source.take(ids).x.flatten(1)).all(1)
+        bad_rows += ids[~finite].tolist()
+    if bad_rows:
+        raise ValueError(f"{where}: {len(bad_rows)} queried sample(s) hold NaN or inf values, e.g. rows "
+                         f"{bad_rows[:5]}; expected finite {source.info.kind} values in "
+                         f"{list(source.info.value_range)}")
+
+
 def check_classifier(handle: ClassifierHandle, data: ArrayDataset, query_ids: torch.Tensor,
                      targets: Any) -> None:
     """A dry run on a few real queries: the logits' shape, their finiteness, and that targets resolve."""

@@ -188,7 +188,7 @@ def no_training(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("audit() went past the storage check")
 
-    monkeypatch.setattr(audit_module, "load_dataset", reached)
+    monkeypatch.setattr(audit_module, "open_split", reached)
     monkeypatch.setattr(audit_module, "resolve_classifier", reached)
 
 
