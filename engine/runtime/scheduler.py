@@ -68,9 +68,12 @@ class ScheduleAccount:
 
 
 def run_scheduled(host_cls: type, host_kwargs: dict, todo: list[WorkUnit], runtime: Any,
-                  on_result: Callable[[dict[str, Any]], None], log: Callable[[str], None]) -> ScheduleAccount:
+                  on_result: Callable[[dict[str, Any]], None], log: Callable[[str], None],
+                  while_starting: Callable[[], None] = lambda: None) -> ScheduleAccount:
     """Run `todo` on `runtime.num_actors` hosts; `on_result` gets each unit's summary row (with `attempts`
-    counting every run of the unit, host deaths included, and `error` empty unless it failed)."""
+    counting every run of the unit, host deaths included, and `error` empty unless it failed).
+    `while_starting` runs once the hosts are created, while they start (the start probe); if it raises, the
+    hosts are stopped and the error goes to the caller."""
     import ray
 
     resources = {"num_cpus": runtime.num_cpus_per_actor, "num_gpus": runtime.num_gpus_per_actor}
@@ -86,6 +89,7 @@ def run_scheduled(host_cls: type, host_kwargs: dict, todo: list[WorkUnit], runti
     for i, host in hosts.items():
         pings[host.ready.remote()] = (i, time.monotonic() + limit)
     try:
+        while_starting()
         while placement.pending() or running:
             _dispatch(hosts, placement, free, running, force=not running and not pings)
             if not running and not pings:

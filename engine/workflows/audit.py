@@ -205,10 +205,13 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: A
     threads = max(1, int(spec.runtime.num_cpus_per_actor))
     host_kwargs = {"spec": spec.model_dump(mode="json"), "run_id": run_id, "num_threads": threads,
                    "fid": {"kind": fid.kind, "weights": fid.weights}}
-    # A host whose constructor raises or dies every time ends the job here, not in endless restarts.
-    probe_host(ModelHost, host_kwargs, {"num_cpus": spec.runtime.num_cpus_per_actor,
-                                        "num_gpus": spec.runtime.num_gpus_per_actor},
-               attempts=spec.runtime.max_retries + 1, timeout_s=spec.runtime.host_start_timeout_s)
+
+    def probe() -> None:
+        """A host whose constructor raises or dies every time ends the job, not Ray's endless restarts. The probe
+        starts beside the hosts (it reserves no CPU, so it never delays them) and needs the same GPU share."""
+        probe_host(ModelHost, host_kwargs, {"num_cpus": 0, "num_gpus": spec.runtime.num_gpus_per_actor},
+                   attempts=spec.runtime.max_retries + 1, timeout_s=spec.runtime.host_start_timeout_s)
+
     sizes = {u.unit_id: len(u.query_ids) for u in todo}
     # A tqdm bar on a terminal, else a plain line every few seconds (logs, CI, `ray job submit`).
     bar = Progress("explain", log if progress else None, sum(sizes.values()), unit="queries", bar=True)
@@ -226,7 +229,7 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: A
         bar.update(sizes.get(row["unit_id"], 0), units=f"{result.units_done}/{len(todo)}",
                    failed=len(result.units_failed))
 
-    account = run_scheduled(ModelHost, host_kwargs, todo, spec.runtime, on_result, log)
+    account = run_scheduled(ModelHost, host_kwargs, todo, spec.runtime, on_result, log, while_starting=probe)
     bar.close()
     result.account = account.as_dict()
     loads = sum(result.account["model_loads"].values())
