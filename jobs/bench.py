@@ -3,6 +3,8 @@
 Example: python -m jobs.bench --methods gradual_construction wachter --batch 256 --loop-queries 32
 The Ray path: python -m jobs.bench --runtime 1000 20000 [--batch 100] (overhead vs direct, driver peak RSS)
 Against DiCE (pip install -e '.[dice]'): python -m jobs.bench --peer dice [--queries 50] [--dice-methods ...]
+Peak memory as data and fleets grow: python -m jobs.bench --scale data [--rows 10000 100000 300000] [--queries 200]
+and python -m jobs.bench --scale fleet [--models 5 50] [--models-per-host 4] [--queries 8] (both [--json FILE])
 """
 import argparse
 import json
@@ -10,6 +12,13 @@ import sys
 
 from engine.cli import demo_spec_path, set_torch_threads
 from engine.workflows.bench import bench
+
+
+def _write_json(path, table) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(table, f, indent=2)
+        print(f"table written to {path}")
 
 
 def main(argv=None) -> int:
@@ -24,31 +33,56 @@ def main(argv=None) -> int:
     parser.add_argument("--runtime", nargs="+", type=int, default=None, metavar="QUERIES",
                         help="bench the Ray path at these query counts instead (--batch = unit size)")
     parser.add_argument("--runtime-one", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--pool", type=int, default=20000, help=argparse.SUPPRESS)
+    parser.add_argument("--pool", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--scale", choices=["data", "fleet"], default=None,
+                        help="peak memory of driver and hosts as the dataset (data) or the fleet (fleet) grows")
+    parser.add_argument("--rows", nargs="+", type=int, default=[10000, 100000, 300000],
+                        help="--scale data: rows of the generated Parquet sets")
+    parser.add_argument("--models", nargs="+", type=int, default=[5, 50], help="--scale fleet: fleet sizes")
+    parser.add_argument("--models-per-host", type=int, default=4, help="--scale fleet: runtime.models_per_host")
+    parser.add_argument("--data-dir", default=None,
+                        help="--scale, --runtime: generated data and models are cached here "
+                             "(default: $CFAUDIT_CACHE/bench-scale, else .cfaudit-cache/bench-scale)")
+    parser.add_argument("--json", default=None, help="--scale, --runtime: also write the table as JSON here")
     parser.add_argument("--peer", choices=["dice"], default=None,
                         help="compare cfaudit's tabular methods with a peer library on one MLP and one query set")
-    parser.add_argument("--queries", type=int, default=50, help="--peer: queries (every method gets the same)")
+    parser.add_argument("--queries", type=int, default=None,
+                        help="queries: --peer 50 (every method gets the same), --scale data 200, --scale fleet 8")
     parser.add_argument("--dice-methods", nargs="+", default=["gradient", "random"],
                         choices=["gradient", "random"], help="--peer dice: DiCE methods to run")
     parser.add_argument("--out", default="cfaudit-out", help="--peer: writes OUT/bench/<peer>.parquet")
     args = parser.parse_args(argv)
+    command = " ".join(["python -m jobs.bench", *(argv if argv is not None else sys.argv[1:])])
     if args.runtime_one is not None:  # the subprocess of --runtime: one size, JSON on the last line
         from engine.workflows.bench_runtime import run_one
 
-        print(json.dumps(run_one(args.runtime_one, args.batch, args.pool)))
+        print(json.dumps(run_one(args.runtime_one, args.batch, args.pool, args.data_dir)))
         return 0
     if args.runtime is not None:
         from engine.workflows.bench_runtime import bench_runtime
 
-        bench_runtime(args.runtime, args.batch)
+        rows = bench_runtime(args.runtime, args.batch, args.data_dir, command=command)
+        _write_json(args.json, {"command": command, "runtime": rows})
+        return 0
+    if args.scale is not None:
+        from engine.workflows.bench_scale import bench_data, bench_fleet
+
+        set_torch_threads()  # the parent builds the models
+        if args.scale == "data":
+            queries = 200 if args.queries is None else args.queries
+            table = bench_data(args.rows, queries, args.data_dir, command=command)
+        else:
+            queries = 8 if args.queries is None else args.queries
+            table = bench_fleet(args.models, args.models_per_host, queries, args.data_dir, command=command)
+        _write_json(args.json, table)
         return 0
     set_torch_threads()
     if args.peer == "dice":
         from engine.workflows.bench_dice import bench_dice
 
         device = "cpu" if args.device == "auto" else args.device
-        bench_dice(args.spec, args.queries, args.dice_methods, args.repeats, device, args.out,
-                   command=" ".join(["python -m jobs.bench", *(argv if argv is not None else sys.argv[1:])]))
+        queries = 50 if args.queries is None else args.queries
+        bench_dice(args.spec, queries, args.dice_methods, args.repeats, device, args.out, command=command)
         return 0
     bench(args.spec or str(demo_spec_path()), args.methods, args.batch, args.loop_queries, args.repeats, args.device)
     return 0

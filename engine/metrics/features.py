@@ -197,7 +197,9 @@ def domain_extractor(dataset_name: str, dataset_options: Optional[dict] = None, 
     name = f"domain:{dataset_name}:{info['key'][:12]}"
     log(f"domain feature extractor {name}: {arch} on {len(data)} {dataset_name} training images, "
         f"{'cache hit' if info['cache_hit'] else 'trained'} in {time.perf_counter() - start:.1f}s")
-    return DomainExtractor(module, name, device=device, batch_size=batch_size)
+    extractor = DomainExtractor(module, name, device=device, batch_size=batch_size)
+    extractor.cache_key = info["key"]  # hosts rebuild it from the cache by this key (FidChoice.domain_key)
+    return extractor
 
 
 def fid_extractor(kind: str = "auto", weights: Optional[str] = None, dataset_name: Optional[str] = None,

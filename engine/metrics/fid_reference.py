@@ -25,6 +25,7 @@ class FidChoice:
 
     kind: Optional[str]
     weights: Optional[str] = None
+    domain_key: Optional[str] = None  # the domain network's cache key once the driver has it: hosts read no data
 
 
 def resolve_choice(kind: str, weights: Optional[str], image_data: bool, log: Callable[[str], Any] = print) -> FidChoice:
@@ -48,12 +49,16 @@ def resolve_choice(kind: str, weights: Optional[str], image_data: bool, log: Cal
 
 def build_extractor(choice: FidChoice, dataset_name: str, dataset_options: dict, cache_dir: Optional[str],
                     device: torch.device | str, log: Callable[[str], Any] = print):
-    from engine.metrics.features import InceptionExtractor, domain_extractor
+    from engine.metrics.features import DomainExtractor, InceptionExtractor, domain_extractor
+    from engine.models.zoo import load_cached
 
     if choice.kind is None:
         return None
     if choice.kind == "inception":
         return InceptionExtractor(choice.weights, device=device)
+    if choice.domain_key is not None:
+        module, _ = load_cached(choice.domain_key, cache_dir)
+        return DomainExtractor(module, f"domain:{dataset_name}:{choice.domain_key[:12]}", device=device)
     return domain_extractor(dataset_name, dataset_options, cache_dir, device, log)
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.data import dataset_fingerprint, load_dataset
 from engine.data.base import ArrayDataset
+from engine.data.source import open_split
 from engine.models.adapters import adapt_classifier
 from engine.models.handles import ClassifierHandle, GeneratorHandle
 from engine.spec.audit import DatasetRef, ExplainerEntry, FleetModel, GeneratorEntry, OracleEntry
@@ -20,13 +21,20 @@ def training_data(entry: FleetModel, dataset: DatasetRef) -> ArrayDataset:
 
 
 def resolve_classifier(entry: FleetModel, dataset: DatasetRef, cache_dir: Optional[str] = None,
-                       device: str | torch.device = "cpu", log=print) -> ClassifierHandle:
-    """Train (or load from the content-addressed cache) a built-in model, or load a user's file (see loading.py)."""
+                       device: str | torch.device = "cpu", log=print,
+                       cache_key: Optional[str] = None) -> ClassifierHandle:
+    """Train (or load from the content-addressed cache) a built-in model, or load a user's file (see loading.py).
+    cache_key: the built-in model's key as the driver resolved it: loaded by key, its training data unread."""
     from engine.models.loading import classifier_handle_from_module, eval_mode, load_module
-    from engine.models.zoo import get_or_train
+    from engine.models.zoo import get_or_train, load_cached
 
     start = time.perf_counter()
-    if entry.train is not None:
+    if entry.train is not None and cache_key is not None:
+        module, _ = load_cached(cache_key, cache_dir)
+        data = open_split(dataset.name, "train", **{**dataset.options, **entry.train.dataset_options}).info
+        meta = {"source": "builtin", "cache_key": cache_key, "cache_hit": True}
+        input_shape, class_names, value_range = data.input_shape, data.class_names, data.value_range
+    elif entry.train is not None:
         data = training_data(entry, dataset)
         train = entry.train
         module, info = get_or_train(
@@ -40,7 +48,8 @@ def resolve_classifier(entry: FleetModel, dataset: DatasetRef, cache_dir: Option
     else:
         module = load_module(entry.path, format=entry.format, factory=entry.factory,
                              factory_kwargs=entry.factory_kwargs, trust=entry.trust, model_id=entry.id)
-        data = load_dataset(dataset.name, "test", **dataset.options)
+        # The data's description only (shape, classes, range): a user's split is not read for it.
+        data = open_split(dataset.name, "test", **dataset.options).info
         input_shape, class_names, value_range = data.input_shape, data.class_names, data.value_range
         meta = {"source": "file", "path": entry.path}
         log(f"  model {entry.id}: loaded {entry.path} ({time.perf_counter() - start:.1f}s)")
@@ -60,9 +69,15 @@ GENERATOR_ARCH = {"vae": "conv_vae", "dcgan": "dcgan_generator", "attribute_auto
 ORACLE_ARCH = "attribute_oracle"
 
 
-def _train_aux(kind: str, arch: str, train, dataset: DatasetRef, cache_dir: Optional[str], log) -> tuple:
-    from engine.models.zoo import get_or_train
+def _train_aux(kind: str, arch: str, train, dataset: DatasetRef, cache_dir: Optional[str], log,
+               cache_key: Optional[str] = None) -> tuple:
+    """(module, the training split or its description, meta); with `cache_key`, loaded by key, no data read."""
+    from engine.models.zoo import get_or_train, load_cached
 
+    if cache_key is not None:
+        module, _ = load_cached(cache_key, cache_dir)
+        info = open_split(dataset.name, "train", **{**dataset.options, **train.dataset_options}).info
+        return module, info, {"source": "builtin", "cache_key": cache_key}
     data = load_dataset(dataset.name, "train", **{**dataset.options, **train.dataset_options})
     start = time.perf_counter()
     module, info = get_or_train(kind, arch, train.arch_options, data, dataset_fingerprint(data),
@@ -91,11 +106,13 @@ def _freeze(module: nn.Module, device: str | torch.device) -> nn.Module:
 
 
 def resolve_generator(entry: GeneratorEntry, dataset: DatasetRef, cache_dir: Optional[str] = None,
-                      device: str | torch.device = "cpu", log=print) -> GeneratorHandle:
-    """The spec's generative model as a GeneratorHandle (built-in: trained or cached; else a user's file)."""
+                      device: str | torch.device = "cpu", log=print,
+                      cache_key: Optional[str] = None) -> GeneratorHandle:
+    """The spec's generative model as a GeneratorHandle (built-in: trained or cached, or by `cache_key`; else a
+    user's file)."""
     if entry.train is not None:
         arch = entry.train.arch or GENERATOR_ARCH[entry.kind]
-        module, data, meta = _train_aux(entry.kind, arch, entry.train, dataset, cache_dir, log)
+        module, data, meta = _train_aux(entry.kind, arch, entry.train, dataset, cache_dir, log, cache_key)
         latent_dim = int(module.hparams["latent_dim"])
         names = list(data.attribute_names) if entry.kind == "attribute_autoencoder" else []
     else:
@@ -108,17 +125,17 @@ def resolve_generator(entry: GeneratorEntry, dataset: DatasetRef, cache_dir: Opt
 
 
 def resolve_oracle(entry: OracleEntry, dataset: DatasetRef, cache_dir: Optional[str] = None,
-                   device: str | torch.device = "cpu", log=print) -> ClassifierHandle:
+                   device: str | torch.device = "cpu", log=print, cache_key: Optional[str] = None) -> ClassifierHandle:
     """The spec's attribute oracle: x -> attribute logits [B, A], named by the dataset's attributes."""
     if entry.train is not None:
         module, data, meta = _train_aux("oracle", entry.train.arch or ORACLE_ARCH, entry.train, dataset,
-                                        cache_dir, log)
+                                        cache_dir, log, cache_key)
         names = list(data.attribute_names)
         if not names:
             raise ValueError(f"oracle: dataset {dataset.name!r} has no attributes to train an oracle on")
     else:
         module, meta = _load_file(entry, "oracle", log), {"source": "file", "path": entry.path}
-        data, names = load_dataset(dataset.name, "test", **dataset.options), list(entry.attribute_names)
+        data, names = open_split(dataset.name, "test", **dataset.options).info, list(entry.attribute_names)
     from engine.models.loading import classifier_handle_from_module
 
     handle = classifier_handle_from_module(_freeze(module, device), "oracle", data.input_shape, names,

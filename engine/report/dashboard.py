@@ -108,16 +108,27 @@ def _job_spec(out: str) -> dict[str, Any]:
     return json.loads(read_bytes(uri)).get("spec", {}) if exists(uri) else {}
 
 
+class QueryImages:
+    """The queries' split of the audit's dataset, read one shown query at a time (query_id indexes the split)."""
+
+    def __init__(self, source) -> None:
+        self.source, self.class_names = source, list(source.info.class_names)
+
+    def image(self, query_id: int):
+        """[C, H, W] (or [D]) tensor of one query."""
+        return self.source.take([int(query_id)]).x[0]
+
+
 def _queries(spec: dict[str, Any]):
-    """The queries' split of the audit's dataset (query_id indexes it), or (None, why not)."""
+    """QueryImages of the audit's query split, or (None, why not)."""
     dataset = spec.get("dataset") or {}
     if not dataset.get("name"):
         return None, "the audit's _job.json names no dataset"
     split = (spec.get("queries") or {}).get("split", "test")
     try:
-        from engine.data import load_dataset
+        from engine.data.source import open_split
 
-        return load_dataset(dataset["name"], split, **(dataset.get("options") or {})), ""
+        return QueryImages(open_split(dataset["name"], split, **(dataset.get("options") or {}))), ""
     except Exception as error:  # noqa: BLE001 - the page says why the queries are missing
         return None, f"could not reload {dataset['name']}/{split}: {error}"
 
@@ -189,7 +200,7 @@ def _grid(rows: list[dict[str, Any]], x_cf: np.ndarray, queries, class_names: li
             ax[0].bar(range(cf.size), cf.reshape(-1), color="#4477aa")
         else:
             if have_x:
-                x = queries.x[int(row["query_id"])].numpy()
+                x = queries.image(int(row["query_id"])).numpy()
                 ax[0].imshow(_show(x, value_range), cmap="gray", vmin=0, vmax=1)
                 ax[0].set_title(f"query {row['query_id']}: {name(row['pred_orig'])}", fontsize=8)
                 diff = (cf - x).sum(axis=0) / ((value_range[1] - value_range[0]) or 1.0)

@@ -57,7 +57,7 @@ def series_figure(rows: list[dict[str, Any]], queries, class_names: list[str], t
         if lead:
             ax = ax_row[0]
             ax.axis("on")
-            ax.imshow(_show(queries.x[int(row["query_id"])].numpy(), value_range), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(_show(queries.image(int(row["query_id"])).numpy(), value_range), cmap="gray", vmin=0, vmax=1)
             status = "valid" if row.get("success") else "not valid"
             ax.set_title(f"query {row['query_id']} ({status})", fontsize=7)
             ax.set_xlabel(f"{name(row['pred_orig'])} → {name(row['target'])}", fontsize=7)

@@ -49,9 +49,10 @@ def peak_rss_mib() -> float:
 
 class ModelHost:
     def __init__(self, spec: dict[str, Any], run_id: str, num_threads: int = 1,
-                 fid: Optional[dict[str, Any]] = None) -> None:
+                 fid: Optional[dict[str, Any]] = None, cache_keys: Optional[dict[str, str]] = None) -> None:
         """run_id: the run that holds the output's claim (checked before every write); fid: the driver's resolved
-        FidChoice as a dict ({'kind': 'inception'|'domain'|None, 'weights': ...})."""
+        FidChoice as a dict ({'kind': 'inception'|'domain'|None, 'weights': ...}); cache_keys: the driver's cache
+        keys of the built-in models (fleet id, "generator", "oracle"), loaded by key without their training data."""
         torch.set_num_threads(max(1, num_threads))
         self.run_id = run_id
         self.spec = AuditSpec.model_validate(spec)
@@ -68,6 +69,7 @@ class ModelHost:
         else:
             self.reference = self.queries.info
         self.entries = {m.id: m for m in self.spec.fleet}
+        self.cache_keys = dict(cache_keys or {})
         self.bundles: "OrderedDict[str, ModelBundle]" = OrderedDict()  # least recently used first
         self.budget = self.spec.runtime.models_per_host
         self.loaded: list[str] = []  # models loaded since the last `run` reported them
@@ -76,9 +78,9 @@ class ModelHost:
         quiet, cache = (lambda *_: None), self.spec.runtime.cache_dir
         # The generator and the oracle are the domain's, shared by every model this actor hosts.
         self.generator = None if self.spec.generator is None else resolve_generator(
-            self.spec.generator, dataset, cache, self.device, log=quiet)
+            self.spec.generator, dataset, cache, self.device, log=quiet, cache_key=self.cache_keys.get("generator"))
         self.oracle = None if self.spec.oracle is None else resolve_oracle(
-            self.spec.oracle, dataset, cache, self.device, log=quiet)
+            self.spec.oracle, dataset, cache, self.device, log=quiet, cache_key=self.cache_keys.get("oracle"))
         extractor = build_extractor(FidChoice(**(fid or {"kind": None})), dataset.name,
                                     dataset.options, cache, self.device, log=quiet)
         self.metrics = MetricOptions.from_spec(self.spec.metrics, self.spec.confounders(), extractor)
@@ -99,7 +101,7 @@ class ModelHost:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         handle = resolve_classifier(self.entries[model_id], self.spec.dataset, self.spec.runtime.cache_dir,
-                                    self.device, log=lambda *_: None)
+                                    self.device, log=lambda *_: None, cache_key=self.cache_keys.get(model_id))
         entry = self.spec.explainer_entry()  # set when a method needs Progressive Exaggeration's explainer
         explainer = None if entry is None else resolve_explainer(
             handle, entry, self.spec.dataset, self.spec.runtime.cache_dir, self.device,

@@ -57,6 +57,8 @@ class ScheduleAccount:
     hosts: dict[int, HostAccount]
     model_loads: dict[str, int]
     models_per_host: int
+    start_seconds: float = 0.0  # until the first host was ready (Ray placing it, its constructor)
+    run_seconds: float = 0.0  # from then until the last unit's result: the hosts' throughput is units / this
 
     def as_dict(self) -> dict[str, Any]:
         return {"hosts": [{"host": str(i), "pid": (a.pids or [0])[-1], "pids": a.pids, "units": a.units,
@@ -64,7 +66,8 @@ class ScheduleAccount:
                            "peak_rss_mib": round(a.peak_rss_mib, 1), "restarts": a.restarts,
                            "rows_read": a.rows_read}
                           for i, a in sorted(self.hosts.items())],
-                "model_loads": dict(sorted(self.model_loads.items())), "models_per_host": self.models_per_host}
+                "model_loads": dict(sorted(self.model_loads.items())), "models_per_host": self.models_per_host,
+                "host_start_seconds": round(self.start_seconds, 3), "host_run_seconds": round(self.run_seconds, 3)}
 
 
 def run_scheduled(host_cls: type, host_kwargs: dict, todo: list[WorkUnit], runtime: Any,
@@ -85,7 +88,7 @@ def run_scheduled(host_cls: type, host_kwargs: dict, todo: list[WorkUnit], runti
     pings: dict[Any, tuple[int, float]] = {}  # ready() call -> (host, deadline)
     running: dict[Any, tuple[int, Queued]] = {}  # run() call -> (host, unit)
     free: list[int] = []
-    started = False
+    started, t0, first_ready = False, time.monotonic(), None
     for i, host in hosts.items():
         pings[host.ready.remote()] = (i, time.monotonic() + limit)
     try:
@@ -107,6 +110,9 @@ def run_scheduled(host_cls: type, host_kwargs: dict, todo: list[WorkUnit], runti
                     ray.get(ref)
                     free.append(i)
                     started = True
+                    if first_ready is None:
+                        first_ready = time.monotonic()
+                        account.start_seconds = first_ready - t0
                 except ray.exceptions.ActorUnavailableError:  # restarting: ask again until its deadline
                     time.sleep(0.5)
                     pings[hosts[i].ready.remote()] = (i, deadline)
@@ -132,6 +138,7 @@ def run_scheduled(host_cls: type, host_kwargs: dict, todo: list[WorkUnit], runti
             result["attempts"] = queued.attempt - 1 + int(result.get("attempts", 1))
             on_result(result)
             free.append(i)
+            account.run_seconds = time.monotonic() - (first_ready or t0)
         if placement.pending():
             error = "HostStartError: no model host is left to run this unit (every host failed to start or restart)"
             for queue in placement.queues.values():

@@ -1,6 +1,7 @@
 """audit(spec): plan -> Ray Data actor pool of ModelHosts -> Parquet shards -> summary report."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -8,7 +9,7 @@ import polars as pl
 import torch
 
 from engine.data.source import open_split
-from engine.metrics.fid_reference import (build_extractor, read_reference, reference_state, resolve_choice,
+from engine.metrics.fid_reference import (FidChoice, build_extractor, read_reference, reference_state, resolve_choice,
                                           write_reference)
 from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
 from engine.progress import Progress
@@ -69,8 +70,9 @@ def write_account(out: str, result: AuditResult) -> None:
 
     from engine.runtime.host import peak_rss_mib
 
-    result.account = {"driver_peak_rss_mib": round(peak_rss_mib(), 1), "hosts": [], "model_loads": {},
-                      **result.account, "units_done": result.units_done, "units_failed": len(result.units_failed),
+    result.account = {"hosts": [], "model_loads": {}, **result.account,
+                      "driver_peak_rss_mib": round(peak_rss_mib(), 1), "units_done": result.units_done,
+                      "units_failed": len(result.units_failed),
                       "explain_seconds": round(result.stage_seconds.get("explain", 0.0), 3)}
     write_bytes_atomic(join(out, "reports", "account.json"), json.dumps(result.account, indent=1).encode())
 
@@ -86,12 +88,57 @@ def write_fid_reference(spec: AuditSpec, extractor, source, log: Callable[[str],
     log(f"  FID reference: {state.n} real {spec.queries.split} images through {extractor.name}")
 
 
+@dataclass
+class ResolvedModels:
+    """What the driver's models stage hands on; the models themselves are dropped once it ends."""
+
+    digests: dict[str, str]  # weights SHA-256 per fleet id, "generator", "oracle" (the job record)
+    cache_keys: dict[str, str]  # built-in models' cache keys: hosts load them by key, reading no training data
+    fid: object  # the resolved FidChoice
+    extractor: object = None  # the FID feature extractor until the reference is written
+
+
+def resolve_models(spec: AuditSpec, source, query_ids, log: Callable[[str], None]) -> ResolvedModels:
+    """Train or fetch every built-in model once (so the hosts only read the cache), load the user's files, and dry
+    run each on a few queries; return what the rest of the job needs, not the models."""
+    from engine.runtime.host import pick_device
+
+    generator = None
+    if spec.generator is not None:
+        generator = resolve_generator(spec.generator, spec.dataset, spec.runtime.cache_dir, log=log)
+    oracle = None
+    if spec.oracle is not None:
+        oracle = resolve_oracle(spec.oracle, spec.dataset, spec.runtime.cache_dir, log=log)
+    check_confounders(spec, oracle, log)
+    probe = source.take(query_ids[:PROBE_QUERIES])
+    named = [(name, model) for name, model in (("generator", generator), ("oracle", oracle)) if model is not None]
+    digests = {name: weights_digest(model.module) for name, model in named}
+    keys = {name: model.meta["cache_key"] for name, model in named if model.meta.get("source") == "builtin"}
+    explainer = spec.explainer_entry()
+    # One fleet model at a time (loaded, dry-run, digested, dropped): the driver never holds the whole fleet.
+    for entry in spec.fleet:
+        handle = resolve_classifier(entry, spec.dataset, spec.runtime.cache_dir, log=log)
+        explainers = {}
+        if explainer is not None:  # Progressive Exaggeration: one explainer per classifier
+            explainers[entry.id] = resolve_explainer(handle, explainer, spec.dataset, spec.runtime.cache_dir,
+                                                     checkpoint_root=spec.output, log=log)
+        check_fleet(spec, [handle], probe, torch.arange(len(probe)), generator, oracle, explainers)  # a dry run
+        digests[entry.id] = weights_digest(handle.module)
+        if handle.meta.get("source") == "builtin":
+            keys[entry.id] = handle.meta["cache_key"]
+        del handle, explainers
+    fid = resolve_choice(spec.metrics.fid.extractor, spec.metrics.fid.weights, source.info.kind == "image", log)
+    extractor = build_extractor(fid, spec.dataset.name, spec.dataset.options, spec.runtime.cache_dir,
+                                pick_device(spec.runtime.device), log)
+    if getattr(extractor, "cache_key", None):
+        fid = FidChoice(fid.kind, fid.weights, extractor.cache_key)
+    return ResolvedModels(digests, keys, fid, extractor)
+
+
 def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = True,
           summary: Callable[[str], None] | None = None) -> AuditResult:
     """`log` gets the stage and progress lines, `summary` (default: `log`) the closing summary: units, the
     fleet table and the dashboard's path (`--quiet` silences `log` and keeps `summary`)."""
-    from engine.runtime.host import pick_device
-
     check_writable(spec.output)  # a missing bucket or dead endpoint fails here, not after training
     check_claim(spec.output, "_job.json", spec, "results")  # another spec's output: refused before training
     check_unclaimed(spec.output)  # another live run writing it: refused before training
@@ -106,33 +153,13 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         log(f"  {spec.dataset.name}/{spec.queries.split}: {len(source)} samples, {len(query_ids)} queries"
             + (" (read from its files as needed)" if source.streaming else ""))
     with stages.stage("models"):
-        # Train or fetch every built-in model once here, so the hosts only read the cache.
-        explainer, handles, explainers = spec.explainer_entry(), [], {}
-        for entry in spec.fleet:
-            handles.append(resolve_classifier(entry, spec.dataset, spec.runtime.cache_dir, log=log))
-            if explainer is not None:  # Progressive Exaggeration: one explainer per classifier
-                explainers[entry.id] = resolve_explainer(handles[-1], explainer, spec.dataset, spec.runtime.cache_dir,
-                                                         checkpoint_root=spec.output, log=log)
-        generator = None
-        if spec.generator is not None:
-            generator = resolve_generator(spec.generator, spec.dataset, spec.runtime.cache_dir, log=log)
-        oracle = None
-        if spec.oracle is not None:
-            oracle = resolve_oracle(spec.oracle, spec.dataset, spec.runtime.cache_dir, log=log)
-        check_confounders(spec, oracle, log)
-        probe = source.take(query_ids[:PROBE_QUERIES])
-        check_fleet(spec, handles, probe, torch.arange(len(probe)), generator, oracle, explainers)  # a dry run
-        fid = resolve_choice(spec.metrics.fid.extractor, spec.metrics.fid.weights, source.info.kind == "image", log)
-        extractor = build_extractor(fid, spec.dataset.name, spec.dataset.options, spec.runtime.cache_dir,
-                                    pick_device(spec.runtime.device), log)
-        digests = {h.model_id: weights_digest(h.module) for h in handles}
-        digests.update({name: weights_digest(model.module) for name, model in
-                        (("generator", generator), ("oracle", oracle)) if model is not None})
+        models = resolve_models(spec, source, query_ids, log)
     with stages.stage("plan"):
-        claim = claim_output(spec, units, digests, log)  # this run's from here on: released when it ends
+        claim = claim_output(spec, units, models.digests, log)  # this run's from here on: released when it ends
         try:
-            if extractor is not None:
-                write_fid_reference(spec, extractor, source, log)
+            if models.extractor is not None:
+                write_fid_reference(spec, models.extractor, source, log)
+            models.extractor = None
             todo = units_to_run(spec, units, log)
         except BaseException:
             claim.release()
@@ -140,13 +167,13 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
         log(f"  {len(units)} units ({len(spec.fleet)} models x {len(spec.methods)} methods, batch "
             f"{spec.runtime.batch_size}); {len(units) - len(todo)} already done")
     try:
-        return _run(spec, claim, units, todo, stages, fid, log, progress, summary or log)
+        return _run(spec, claim, units, todo, stages, models, log, progress, summary or log)
     finally:
         claim.release()
 
 
-def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUnit], stages: Stages, fid,
-         log: Callable[[str], None], progress: bool, summary: Callable[[str], None]) -> AuditResult:
+def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUnit], stages: Stages,
+         models: "ResolvedModels", log: Callable[[str], None], progress: bool, summary: Callable[[str], None]) -> AuditResult:
     """The claimed part of an audit: the units still to run, through Ray, then the reports."""
     from engine.report.bias import fleet_headline, write_reports
     from engine.report.dashboard import render_dashboard
@@ -155,7 +182,7 @@ def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUn
     result = AuditResult(spec.output, len(units), len(units) - len(todo), 0)
     if todo:
         with stages.stage("explain"):
-            run_units(spec, todo, fid, claim.run_id, result, log, progress)
+            run_units(spec, todo, models, claim.run_id, result, log, progress)
     write_failures(spec.output, result.units_failed)
     result.stage_seconds = stages.seconds
     write_account(spec.output, result)
@@ -185,13 +212,14 @@ def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUn
     if result.units_failed:
         summary(f"  failed units and their errors: {join(spec.output, 'reports', 'failures.parquet')}; "
                 "re-run the same command to retry only those")
+    write_account(spec.output, result)  # again, with the report stage in the driver's peak
     log(stages.report())
     for text in closing:
         summary(text)
     return result
 
 
-def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: AuditResult,
+def run_units(spec: AuditSpec, todo: list[WorkUnit], models: "ResolvedModels", run_id: str, result: AuditResult,
               log: Callable[[str], None], progress: bool) -> None:
     """Run the units on `runtime.num_actors` ModelHosts, each unit routed to the host holding its model
     (engine.runtime.scheduler); count what each reported in `result`, and the hosts' account."""
@@ -204,7 +232,7 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], fid, run_id: str, result: A
     start_ray(spec.runtime.address, include_dashboard=spec.runtime.include_dashboard)
     threads = max(1, int(spec.runtime.num_cpus_per_actor))
     host_kwargs = {"spec": spec.model_dump(mode="json"), "run_id": run_id, "num_threads": threads,
-                   "fid": {"kind": fid.kind, "weights": fid.weights}}
+                   "fid": dataclasses.asdict(models.fid), "cache_keys": models.cache_keys}
 
     def probe() -> None:
         """A host whose constructor raises or dies every time ends the job, not Ray's endless restarts. The probe
