@@ -45,3 +45,23 @@ def test_user_model_with_wrong_class_count_is_refused(tmp_path):
     torch.jit.script(Linear(3)).save(str(path))
     with pytest.raises(ValueError, match=r"expected \[1, 10\] logits"):
         resolve_classifier(FleetModel(id="u", path=str(path), trust=True), DIGITS)
+
+
+def test_a_host_loads_a_builtin_model_by_its_key_without_its_training_data(tmp_path, monkeypatch):
+    """What the driver resolved, a host rebuilds from the cache by key: the same weights, no training split read."""
+    import engine.models.fleet as fleet
+
+    entry = FleetModel(id="d", train={"arch": "mlp", "epochs": 1})
+    driver = resolve_classifier(entry, DIGITS, str(tmp_path), log=lambda *_: None)
+
+    def no_training_data(*args, **kwargs):
+        raise AssertionError("the host read the training split")
+
+    monkeypatch.setattr(fleet, "load_dataset", no_training_data)
+    host = resolve_classifier(entry, DIGITS, str(tmp_path), log=lambda *_: None, cache_key=driver.meta["cache_key"])
+    x = load_dataset("digits", "test").x[:5]
+    assert torch.equal(driver.logits(x), host.logits(x))
+    assert (host.input_shape, host.class_names, host.value_range) == \
+        (driver.input_shape, driver.class_names, driver.value_range)
+    with pytest.raises(AssertionError, match="read the training split"):  # without the key it would have
+        resolve_classifier(entry, DIGITS, str(tmp_path), log=lambda *_: None)
