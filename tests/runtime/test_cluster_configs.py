@@ -111,7 +111,7 @@ def wait_for(lines: "queue.Queue[str]", text: str, seen: list[str], timeout: flo
             raise AssertionError(f"no {text!r} within {timeout}s:\n{''.join(seen)}") from None
 
 
-def ray_cli(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+def ray_cli(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
     ray = str(Path(sys.executable).with_name("ray"))
     return subprocess.run([ray, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -139,7 +139,8 @@ def test_local_cluster_runs_a_submitted_audit(tmp_path):
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, seen = read_lines(proc), []
     try:
-        wait_for(lines, "Ctrl-C stops the cluster", seen, timeout=180)
+        # Bounds for a loaded 2-core machine, not the expected times: every wait ends as soon as its condition holds.
+        wait_for(lines, "Ctrl-C stops the cluster", seen, timeout=600)
         printed = "".join(seen)
         assert f"dashboard: http://127.0.0.1:{port}" in printed and "address:   127.0.0.1:" in printed
         assert "ray job submit" in printed and "--working-dir ." in printed
@@ -159,7 +160,7 @@ def test_local_cluster_runs_a_submitted_audit(tmp_path):
         (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
         client = {**env, "RAY_AUTH_MODE": "token"}
         job = ray_cli("job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", ".",
-                      "--", "python", "-m", "jobs.audit", str(tmp_path / "tiny.yaml"), env=client, timeout=420)
+                      "--", "python", "-m", "jobs.audit", str(tmp_path / "tiny.yaml"), env=client, timeout=1200)
         log = job.stdout + job.stderr
         assert job.returncode == 0 and "succeeded" in log, log[-4000:]
         assert "units: 24 done (0 needed a retry), 0 skipped" in log and "0 failed" in log
