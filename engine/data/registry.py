@@ -59,8 +59,8 @@ def dataset_options(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def load_dataset(name: str, split: str = "train", **options: Any) -> ArrayDataset:
-    """Load one split ("train" or "test") of dataset `name`; unknown names/options are ValueErrors."""
+def check_options(name: str, split: str, options: dict[str, Any]) -> None:
+    """ValueError for an unknown dataset, a bad split, an unknown option or a missing required one."""
     if split not in SPLITS:
         raise ValueError(f"dataset {name!r}: split must be one of {list(SPLITS)}, got {split!r}")
     valid = dataset_options(name)
@@ -70,6 +70,11 @@ def load_dataset(name: str, split: str = "train", **options: Any) -> ArrayDatase
     missing = sorted(k for k, v in valid.items() if v is REQUIRED and k not in options)
     if missing:
         raise ValueError(f"dataset {name!r}: missing required option(s) {missing}")
+
+
+def load_dataset(name: str, split: str = "train", **options: Any) -> ArrayDataset:
+    """Load one split ("train" or "test") of dataset `name`; unknown names/options are ValueErrors."""
+    check_options(name, split, options)
     ds = _loader(name)(split, **options)
     ds.meta.setdefault("dataset", name)
     ds.meta["split"] = split

@@ -11,9 +11,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from engine.data._common import SPLITS
 from engine.data.base import ArrayDataset
-from engine.data.registry import REQUIRED, dataset_options, load_dataset
+from engine.data.registry import check_options, load_dataset
 
 # Datasets with a streaming opener `fn(split, *, options...) -> SplitSource`, same options as their loader.
 # Imported only when used, like the registry's loaders.
@@ -134,19 +133,6 @@ class StreamingSource(SplitSource):
                             feature_names=info.feature_names, meta=dict(info.meta), schema=info.schema)
 
 
-def _check_options(name: str, split: str, options: dict[str, Any]) -> None:
-    # The same checks and messages as `load_dataset`.
-    if split not in SPLITS:
-        raise ValueError(f"dataset {name!r}: split must be one of {list(SPLITS)}, got {split!r}")
-    valid = dataset_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"dataset {name!r}: unknown option(s) {unknown}; valid options: {sorted(valid)}")
-    missing = sorted(k for k, v in valid.items() if v is REQUIRED and k not in options)
-    if missing:
-        raise ValueError(f"dataset {name!r}: missing required option(s) {missing}")
-
-
 def _streamer(name: str) -> Optional[Callable[..., SplitSource]]:
     target = _STREAMERS.get(name)
     if target is None:
@@ -161,7 +147,7 @@ def open_split(name: str, split: str = "train", **options: Any) -> SplitSource:
     parquet_images and image_folder stream: the source holds labels and a row index, and reads and decodes
     only the rows each `take` asks for. Every other dataset is loaded whole into an `InMemorySource`.
     """
-    _check_options(name, split, options)
+    check_options(name, split, options)
     opener = _streamer(name)
     if opener is None:
         source = InMemorySource(load_dataset(name, split, **options), split)

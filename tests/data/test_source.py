@@ -18,17 +18,14 @@ from engine.data import image_folder as image_folder_module
 from engine.data import parquet_images as parquet_module
 from engine.data import registry
 from engine.data.source import InMemorySource
+from tests.fixtures.images import png_bytes, random_images
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+_png = png_bytes
 
 
 def _images(n: int, h: int = 8, w: int = 6, c: int = 3, seed: int = 0) -> np.ndarray:
-    shape = (n, h, w, c) if c > 1 else (n, h, w)
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    return random_images(n, h, w, c, seed)
 
 
 def _table(n: int, seed: int = 0) -> pa.Table:

@@ -12,17 +12,14 @@ import torch
 from PIL import Image
 
 from engine.data import load_dataset
+from tests.fixtures.images import png_bytes, random_images
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+_png = png_bytes
 
 
 def _images(n: int, h: int = 6, w: int = 5, c: int = 3, seed: int = 0) -> np.ndarray:
-    shape = (n, h, w, c) if c > 1 else (n, h, w)
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    return random_images(n, h, w, c, seed)
 
 
 # parquet_images -------------------------------------------------------------------------------------------
