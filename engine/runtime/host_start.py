@@ -57,14 +57,3 @@ def probe_host(host_cls: type, kwargs: dict, resources: dict, attempts: int, tim
     raise HostStartError(f"the model host could not start: its process died {attempts} times in its constructor "
                          "(killed, out of memory, or a crash in native code; runtime.max_retries + 1 attempts)")
 
-
-def pool_rows(out, timeout_s: float, hosts: int):
-    """out.iter_rows(); the pool's start timeout (DataContext.wait_for_min_actors_s) as a HostStartError."""
-    import ray
-
-    try:
-        yield from out.iter_rows()
-    except ray.exceptions.GetTimeoutError:
-        raise HostStartError(f"the {hosts} model host(s) did not all start within {timeout_s:g} s "
-                             "(runtime.host_start_timeout_s): the cluster has no room for them (lower "
-                             "runtime.num_actors), or their processes die while starting") from None

@@ -37,8 +37,11 @@ class HostAccount:
     peak_rss_mib: float = 0.0
     pids: list[int] = field(default_factory=list)
     restarts: int = 0
-    rows_read: int = 0  # query rows its processes decoded (restarted processes count afresh)
-    _rows_by_pid: dict = field(default_factory=dict)
+    rows_by_pid: dict[int, int] = field(default_factory=dict)  # query rows each of its processes decoded
+
+    @property
+    def rows_read(self) -> int:
+        return sum(self.rows_by_pid.values())
 
     def add(self, result: dict[str, Any]) -> None:
         self.units += 1
@@ -48,8 +51,7 @@ class HostAccount:
         pid = int(result.get("pid", 0))
         if pid and pid not in self.pids:
             self.pids.append(pid)
-        self._rows_by_pid[pid] = int(result.get("rows_read", 0))
-        self.rows_read = sum(self._rows_by_pid.values())
+        self.rows_by_pid[pid] = int(result.get("rows_read", 0))
 
 
 @dataclass

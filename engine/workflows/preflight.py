@@ -45,10 +45,15 @@ def check_dataset(data: ArrayDataset, split: str) -> None:
     if not bool(finite.all()):
         raise ValueError(f"{where}: {int((~finite).sum())} sample(s) hold NaN or inf values, e.g. rows "
                          f"{_rows(~finite)}; expected finite {data.kind} values in {list(data.value_range)}")
-    bad = (data.y < 0) | (data.y >= data.num_classes)
+    check_labels(data.y, data.class_names, where)
+
+
+def check_labels(labels: torch.Tensor, classes: list[str], where: str) -> None:
+    """Every label inside [0, len(classes)), naming the first offending rows."""
+    bad = (labels < 0) | (labels >= len(classes))
     if bool(bad.any()):
-        raise ValueError(f"{where}: {int(bad.sum())} label(s) outside [0, {data.num_classes}) for classes "
-                         f"{data.class_names}, e.g. rows {_rows(bad)} with labels {data.y[bad][:5].tolist()}")
+        raise ValueError(f"{where}: {int(bad.sum())} label(s) outside [0, {len(classes)}) for classes "
+                         f"{classes}, e.g. rows {_rows(bad)} with labels {labels[bad][:5].tolist()}")
 
 
 def check_split(source: Any, split: str, query_ids: torch.Tensor, block_rows: int = 1024) -> None:
@@ -60,11 +65,7 @@ def check_split(source: Any, split: str, query_ids: torch.Tensor, block_rows: in
     where = f"dataset {source.name!r} ({split} split)"
     if len(source) == 0:
         raise ValueError(f"{where}: holds no samples")
-    labels, classes = source.labels, source.info.class_names
-    bad = (labels < 0) | (labels >= len(classes))
-    if bool(bad.any()):
-        raise ValueError(f"{where}: {int(bad.sum())} label(s) outside [0, {len(classes)}) for classes "
-                         f"{classes}, e.g. rows {_rows(bad)} with labels {labels[bad][:5].tolist()}")
+    check_labels(source.labels, source.info.class_names, where)
     bad_rows: list[int] = []
     for start in range(0, len(query_ids), block_rows):
         ids = query_ids[start:start + block_rows]
