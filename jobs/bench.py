@@ -5,6 +5,7 @@ The Ray path: python -m jobs.bench --runtime 1000 20000 [--batch 100] (overhead 
 Against DiCE (pip install -e '.[dice]'): python -m jobs.bench --peer dice [--queries 50] [--dice-methods ...]
 Peak memory as data and fleets grow: python -m jobs.bench --scale data [--rows 10000 100000 300000] [--queries 200]
 and python -m jobs.bench --scale fleet [--models 5 50] [--models-per-host 4] [--queries 8] (both [--json FILE])
+Throughput as hosts are added: python -m jobs.bench --scale hosts [--hosts 1 2] [--queries 600] [--repeats 3]
 """
 import argparse
 import json
@@ -34,12 +35,14 @@ def main(argv=None) -> int:
                         help="bench the Ray path at these query counts instead (--batch = unit size)")
     parser.add_argument("--runtime-one", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pool", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--scale", choices=["data", "fleet"], default=None,
-                        help="peak memory of driver and hosts as the dataset (data) or the fleet (fleet) grows")
+    parser.add_argument("--scale", choices=["data", "fleet", "hosts"], default=None,
+                        help="peak memory of driver and hosts as the dataset (data) or the fleet (fleet) grows; "
+                             "throughput of the same job on more hosts (hosts)")
     parser.add_argument("--rows", nargs="+", type=int, default=[10000, 100000, 300000],
                         help="--scale data: rows of the generated Parquet sets")
     parser.add_argument("--models", nargs="+", type=int, default=[5, 50], help="--scale fleet: fleet sizes")
     parser.add_argument("--models-per-host", type=int, default=4, help="--scale fleet: runtime.models_per_host")
+    parser.add_argument("--hosts", nargs="+", type=int, default=[1, 2], help="--scale hosts: host counts")
     parser.add_argument("--data-dir", default=None,
                         help="--scale, --runtime: generated data and models are cached here "
                              "(default: $CFAUDIT_CACHE/bench-scale, else .cfaudit-cache/bench-scale)")
@@ -47,7 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--peer", choices=["dice"], default=None,
                         help="compare cfaudit's tabular methods with a peer library on one MLP and one query set")
     parser.add_argument("--queries", type=int, default=None,
-                        help="queries: --peer 50 (every method gets the same), --scale data 200, --scale fleet 8")
+                        help="queries: --peer 50 (every method gets the same), --scale data 200, --scale fleet 8, "
+                             "--scale hosts 600")
     parser.add_argument("--dice-methods", nargs="+", default=["gradient", "random"],
                         choices=["gradient", "random"], help="--peer dice: DiCE methods to run")
     parser.add_argument("--out", default="cfaudit-out", help="--peer: writes OUT/bench/<peer>.parquet")
@@ -65,15 +69,18 @@ def main(argv=None) -> int:
         _write_json(args.json, {"command": command, "runtime": rows})
         return 0
     if args.scale is not None:
-        from engine.workflows.bench_scale import bench_data, bench_fleet
+        from engine.workflows.bench_scale import bench_data, bench_fleet, bench_hosts
 
         set_torch_threads()  # the parent builds the models
         if args.scale == "data":
             queries = 200 if args.queries is None else args.queries
             table = bench_data(args.rows, queries, args.data_dir, command=command)
-        else:
+        elif args.scale == "fleet":
             queries = 8 if args.queries is None else args.queries
             table = bench_fleet(args.models, args.models_per_host, queries, args.data_dir, command=command)
+        else:
+            queries = 600 if args.queries is None else args.queries
+            table = bench_hosts(args.hosts, queries, repeats=args.repeats, data_dir=args.data_dir, command=command)
         _write_json(args.json, table)
         return 0
     set_torch_threads()

@@ -16,6 +16,7 @@ from engine.data._common import (binary_attribute, check_fraction, check_int, ch
                                  decode_images, encode_labels, missing_column, row_partition, split_indices,
                                  url_to_fs)
 from engine.data.base import ArrayDataset
+from engine.data.parquet_rows import RowGroupIndex
 from engine.data.source import StreamingSource
 
 
@@ -75,69 +76,6 @@ def _image_array(col: pa.ChunkedArray, where: str, channels: Optional[int],
     if size is not None and tuple(x.shape[-2:]) != size:
         x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp_(0, 1)
     return x.numpy()
-
-
-# Rows per Arrow batch when reading a row group: a writer's default group can hold a whole file, so a group
-# is streamed and only the wanted rows of each batch are kept (transient bytes ~ this many encoded images).
-_READ_BATCH = 256
-
-
-def _streamed_pages():
-    """Scan options that read a column chunk page by page instead of whole (Arrow's default pre-buffers it)."""
-    import pyarrow.dataset as pads
-
-    return pads.ParquetFragmentScanOptions(use_buffered_stream=True, buffer_size=1 << 20, pre_buffer=False)
-
-
-class RowGroupIndex:
-    """Where each row of a Parquet dataset lives, from the files' footers: row group k (of file
-    `fragment[k]`, id `row_group[k]` there) holds the dataset's rows [starts[k], starts[k + 1])."""
-
-    def __init__(self, data) -> None:
-        self.fragments = list(data.get_fragments())  # dataset order = the row order of data.to_table()
-        fragment, row_group, counts = [], [], []
-        for f, frag in enumerate(self.fragments):
-            frag.ensure_complete_metadata()
-            for rg in frag.row_groups:
-                fragment.append(f)
-                row_group.append(rg.id)
-                counts.append(rg.num_rows)
-        self.fragment = np.array(fragment, dtype=np.int64)
-        self.row_group = np.array(row_group, dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-
-    def read(self, rows: np.ndarray, columns: list[str], schema: pa.Schema) -> pa.Table:
-        """Global rows [K] (any order) -> their `columns`, reading only the row groups that hold them."""
-        order = np.argsort(rows, kind="stable")
-        ordered = rows[order]
-        group = np.searchsorted(self.starts, ordered, side="right") - 1
-        batches = []
-        for lo, hi in _runs(group):
-            k = group[lo]
-            offsets = ordered[lo:hi] - self.starts[k]
-            part = self.fragments[self.fragment[k]].subset(row_group_ids=[int(self.row_group[k])])
-            start = 0
-            for batch in part.to_batches(schema=schema, columns=columns, batch_size=_READ_BATCH,
-                                         batch_readahead=1, fragment_readahead=1,
-                                         fragment_scan_options=_streamed_pages()):
-                first, last = np.searchsorted(offsets, [start, start + batch.num_rows])
-                if last > first:
-                    batches.append(batch.take(pa.array(offsets[first:last] - start)))
-                start += batch.num_rows
-                if start > offsets[-1]:
-                    break  # the rest of the group holds no wanted row
-        table = pa.Table.from_batches(batches)
-        if table.num_rows != len(rows):
-            raise ValueError(f"parquet_images: read {table.num_rows} of {len(rows)} rows; "
-                             f"the files changed since the split was opened")
-        return table if (order == np.arange(len(rows))).all() else table.take(pa.array(np.argsort(order)))
-
-
-def _runs(values: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted values [K] -> [(lo, hi)] of each run of equal values."""
-    cuts = np.flatnonzero(np.diff(values)) + 1
-    edges = np.concatenate([[0], cuts, [len(values)]])
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
 class ParquetImagesSource(StreamingSource):

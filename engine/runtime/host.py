@@ -1,6 +1,7 @@
 """ModelHost: one Ray actor that keeps models resident and runs work units on them.
 
-A host holds the domain's generator and oracle, a bounded reference sample of the training split, and at most
+A host holds the domain's generator and oracle, the reference logits of its models (engine.runtime.reference:
+computed once per model for the whole job, from a bounded sample of the training split), and at most
 `runtime.models_per_host` fleet models (least recently used evicted); the driver's scheduler routes each unit
 to the host already holding its model (engine.runtime.scheduler). A unit arrives as query ids; the host reads
 those rows from the dataset's files (engine.data.source), so no process holds a whole split. Each unit's rows
@@ -26,6 +27,8 @@ from engine.metrics.per_query import MetricOptions
 from engine.methods import config_hash, make_method
 from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
 from engine.models.handles import ModelBundle
+from engine.models.loading import weights_digest
+from engine.runtime.reference import SharedReference
 from engine.runtime.telemetry import Telemetry
 from engine.spec.audit import AuditSpec
 from engine.store.commit import ClaimError
@@ -49,10 +52,12 @@ def peak_rss_mib() -> float:
 
 class ModelHost:
     def __init__(self, spec: dict[str, Any], run_id: str, num_threads: int = 1,
-                 fid: Optional[dict[str, Any]] = None, cache_keys: Optional[dict[str, str]] = None) -> None:
+                 fid: Optional[dict[str, Any]] = None, cache_keys: Optional[dict[str, str]] = None,
+                 digests: Optional[dict[str, str]] = None) -> None:
         """run_id: the run that holds the output's claim (checked before every write); fid: the driver's resolved
         FidChoice as a dict ({'kind': 'inception'|'domain'|None, 'weights': ...}); cache_keys: the driver's cache
-        keys of the built-in models (fleet id, "generator", "oracle"), loaded by key without their training data."""
+        keys of the built-in models (fleet id, "generator", "oracle"), loaded by key without their training data;
+        digests: the fleet models' weights digests (keys of the shared reference logits; computed here if absent)."""
         torch.set_num_threads(max(1, num_threads))
         self.run_id = run_id
         self.spec = AuditSpec.model_validate(spec)
@@ -61,13 +66,14 @@ class ModelHost:
         self.queries = open_split(dataset.name, self.spec.queries.split, **dataset.options)
         self.input_shape = self.queries.info.input_shape
         self.methods = {m.name: make_method(m.name, m.params) for m in self.spec.methods}
-        # Reference rows only for the methods that read them (Gradual Construction); the others get the split's
-        # description alone (value range, tabular schema) and nothing of the training data is read.
+        # Methods get the split's description (value range, tabular schema); Gradual Construction also its models'
+        # reference logits, read from the job's store or computed once from a bounded sample of the train split.
+        self.reference = self.queries.info
+        self.shared_reference = None
         if any("reference" in method.requires for method in self.methods.values()):
-            self.reference = open_split(dataset.name, "train", **dataset.options).sample(
-                self.spec.runtime.reference_samples, self.spec.seed)
-        else:
-            self.reference = self.queries.info
+            self.shared_reference = SharedReference(dataset.name, dataset.options, self.spec.runtime.reference_samples,
+                                                    self.spec.seed, self.spec.output, self.device)
+        self.digests = dict(digests or {})
         self.entries = {m.id: m for m in self.spec.fleet}
         self.cache_keys = dict(cache_keys or {})
         self.bundles: "OrderedDict[str, ModelBundle]" = OrderedDict()  # least recently used first
@@ -106,8 +112,13 @@ class ModelHost:
         explainer = None if entry is None else resolve_explainer(
             handle, entry, self.spec.dataset, self.spec.runtime.cache_dir, self.device,
             checkpoint_root=self.spec.output, log=lambda *_: None)
+        logits = None
+        if self.shared_reference is not None:
+            digest = self.digests.get(model_id) or weights_digest(handle.module)
+            logits = self.shared_reference.logits(handle, digest)
         self.bundles[model_id] = ModelBundle(classifier=handle, generator=self.generator, oracle=self.oracle,
-                                             reference=self.reference, device=self.device, explainer=explainer)
+                                             reference=self.reference, device=self.device, explainer=explainer,
+                                             reference_logits=logits)
         self.loaded.append(model_id)
         self.peak_resident = max(self.peak_resident, len(self.bundles))
         return self.bundles[model_id]
@@ -174,7 +185,8 @@ class ModelHost:
         models resident, peak RSS) so that the driver's account survives a host's restart."""
         result = self.run_with_retries(row)
         result.update(loaded_models=list(self.loaded), resident=len(self.bundles), peak_resident=self.peak_resident,
-                      peak_rss_mib=peak_rss_mib(), pid=os.getpid(), rows_read=self.queries.rows_read)
+                      peak_rss_mib=peak_rss_mib(), pid=os.getpid(), rows_read=self.queries.rows_read,
+                      reference_rows_read=0 if self.shared_reference is None else self.shared_reference.rows_read)
         self.loaded.clear()
         return result
 

@@ -7,6 +7,9 @@ with the same budget), and picks, in this order:
 2. a unit of a model no host holds (in plan order), so every model is loaded once;
 3. a unit of a model another host holds that still has at least `steal_min` units queued, so no host idles
    while work is left (the only case a model is loaded twice: at the tail, or a fleet smaller than the pool).
+   With `share_when_warm`, only once a host has returned a result of that model: what the first host computes
+   on loading it (Gradual Construction's reference logits, engine.runtime.reference) is then in the job's store,
+   so a second host reads it instead of computing it again.
 """
 from __future__ import annotations
 
@@ -31,9 +34,12 @@ class HostSlot:
 
 
 class Placement:
-    def __init__(self, units: list[WorkUnit], hosts: list[Hashable], models_per_host: int, steal_min: int = 2):
+    def __init__(self, units: list[WorkUnit], hosts: list[Hashable], models_per_host: int, steal_min: int = 2,
+                 share_when_warm: bool = False):
         self.budget = models_per_host
         self.steal_min = steal_min
+        self.share_when_warm = share_when_warm
+        self.warm: set[str] = set()  # models a host has returned a result of
         self.queues: "OrderedDict[str, deque[Queued]]" = OrderedDict()
         for unit in units:
             self.queues.setdefault(unit.model_id, deque()).append(Queued(unit))
@@ -62,7 +68,8 @@ class Placement:
                 model = unheld[0]
             else:
                 least = 1 if force else self.steal_min
-                stealable = [m for m in waiting if len(self.queues[m]) >= least]
+                stealable = [m for m in waiting if len(self.queues[m]) >= least
+                             and (force or not self.share_when_warm or m in self.warm)]
                 if not stealable:
                     return None
                 model = max(stealable, key=lambda m: len(self.queues[m]))
@@ -79,6 +86,10 @@ class Placement:
         while len(slot.resident) > self.budget:
             slot.resident.popitem(last=False)
         slot.peak_resident = max(slot.peak_resident, len(slot.resident))
+
+    def done(self, model_id: str) -> None:
+        """A host returned a result of this model (with `share_when_warm`, its queue may be shared from now)."""
+        self.warm.add(model_id)
 
     def requeue(self, queued: Queued) -> None:
         """A unit whose host died runs again next (first in its model's queue)."""

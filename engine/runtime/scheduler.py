@@ -38,10 +38,15 @@ class HostAccount:
     pids: list[int] = field(default_factory=list)
     restarts: int = 0
     rows_by_pid: dict[int, int] = field(default_factory=dict)  # query rows each of its processes decoded
+    reference_by_pid: dict[int, int] = field(default_factory=dict)  # train rows decoded for reference logits
 
     @property
     def rows_read(self) -> int:
         return sum(self.rows_by_pid.values())
+
+    @property
+    def reference_rows_read(self) -> int:
+        return sum(self.reference_by_pid.values())
 
     def add(self, result: dict[str, Any]) -> None:
         self.units += 1
@@ -52,6 +57,7 @@ class HostAccount:
         if pid and pid not in self.pids:
             self.pids.append(pid)
         self.rows_by_pid[pid] = int(result.get("rows_read", 0))
+        self.reference_by_pid[pid] = int(result.get("reference_rows_read", 0))
 
 
 @dataclass
@@ -66,7 +72,7 @@ class ScheduleAccount:
         return {"hosts": [{"host": str(i), "pid": (a.pids or [0])[-1], "pids": a.pids, "units": a.units,
                            "model_loads": a.model_loads, "peak_resident": a.peak_resident,
                            "peak_rss_mib": round(a.peak_rss_mib, 1), "restarts": a.restarts,
-                           "rows_read": a.rows_read}
+                           "rows_read": a.rows_read, "reference_rows_read": a.reference_rows_read}
                           for i, a in sorted(self.hosts.items())],
                 "model_loads": dict(sorted(self.model_loads.items())), "models_per_host": self.models_per_host,
                 "host_start_seconds": round(self.start_seconds, 3), "host_run_seconds": round(self.run_seconds, 3)}
@@ -74,9 +80,11 @@ class ScheduleAccount:
 
 def run_scheduled(host_cls: type, host_kwargs: dict, todo: list[WorkUnit], runtime: Any,
                   on_result: Callable[[dict[str, Any]], None], log: Callable[[str], None],
-                  while_starting: Callable[[], None] = lambda: None) -> ScheduleAccount:
+                  while_starting: Callable[[], None] = lambda: None,
+                  share_when_warm: bool = False) -> ScheduleAccount:
     """Run `todo` on `runtime.num_actors` hosts; `on_result` gets each unit's summary row (with `attempts`
     counting every run of the unit, host deaths included, and `error` empty unless it failed).
+    `share_when_warm`: a second host takes a model's units only after a first has returned one (Placement).
     `while_starting` runs once the hosts are created, while they start (the start probe); if it raises, the
     hosts are stopped and the error goes to the caller."""
     import ray
@@ -84,7 +92,7 @@ def run_scheduled(host_cls: type, host_kwargs: dict, todo: list[WorkUnit], runti
     resources = {"num_cpus": runtime.num_cpus_per_actor, "num_gpus": runtime.num_gpus_per_actor}
     actor_cls = ray.remote(host_cls).options(max_restarts=-1, max_task_retries=0, **resources)
     hosts = {i: actor_cls.remote(**host_kwargs) for i in range(runtime.num_actors)}
-    placement = Placement(todo, list(hosts), runtime.models_per_host)
+    placement = Placement(todo, list(hosts), runtime.models_per_host, share_when_warm=share_when_warm)
     account = ScheduleAccount({i: HostAccount() for i in hosts}, {}, runtime.models_per_host)
     limit = runtime.host_start_timeout_s
     pings: dict[Any, tuple[int, float]] = {}  # ready() call -> (host, deadline)
@@ -135,6 +143,7 @@ def run_scheduled(host_cls: type, host_kwargs: dict, todo: list[WorkUnit], runti
                     placement.requeue(Queued(queued.unit, queued.attempt + 1))
                 continue
             account.hosts[i].add(result)
+            placement.done(queued.unit.model_id)
             for model_id in result.get("loaded_models", ()):
                 account.model_loads[model_id] = account.model_loads.get(model_id, 0) + 1
             result["attempts"] = queued.attempt - 1 + int(result.get("attempts", 1))

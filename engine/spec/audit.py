@@ -254,9 +254,10 @@ class RuntimeSpec(Strict):
                                         "(the cluster finding room for it, then its constructor); past it the job ends")
     models_per_host: int = Field(default=4, gt=0, description="fleet models a host keeps loaded at once (least "
                                  "recently used evicted); units go to the host already holding their model")
-    reference_samples: int = Field(default=10000, gt=0, description="training samples a host reads for the methods "
-                                   "that need reference data (Gradual Construction's class statistics); a seeded "
-                                   "sample when the split is larger, the whole split in order otherwise")
+    reference_samples: int = Field(default=10000, gt=0, description="training samples whose logits the methods "
+                                   "that need reference data use (Gradual Construction's class statistics), computed "
+                                   "once per model for the job; a seeded sample when the split is larger, the whole "
+                                   "split in order otherwise")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     include_dashboard: bool = False
     cache_dir: Optional[str] = None

@@ -11,7 +11,9 @@ import torch
 from engine.data.source import open_split
 from engine.metrics.fid_reference import (FidChoice, build_extractor, read_reference, reference_state, resolve_choice,
                                           write_reference)
+from engine.methods import get_method_class
 from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
+from engine.models.loading import weights_digest
 from engine.progress import Progress
 from engine.runtime.plan import WorkUnit, plan_units, select_queries
 from engine.spec.audit import AuditSpec
@@ -19,7 +21,7 @@ from engine.store.commit import Claim, check_unclaimed
 from engine.store.results import result_files
 from engine.store.uri import check_writable, join, write_bytes_atomic
 from engine.workflows.preflight import PROBE_QUERIES, check_claim, check_fleet, check_split
-from engine.workflows.resume import check_resumable, claim_output, units_to_run, weights_digest
+from engine.workflows.resume import check_resumable, claim_output, units_to_run
 from engine.workflows.stages import Stages
 
 
@@ -232,7 +234,8 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], models: "ResolvedModels", r
     start_ray(spec.runtime.address, include_dashboard=spec.runtime.include_dashboard)
     threads = max(1, int(spec.runtime.num_cpus_per_actor))
     host_kwargs = {"spec": spec.model_dump(mode="json"), "run_id": run_id, "num_threads": threads,
-                   "fid": dataclasses.asdict(models.fid), "cache_keys": models.cache_keys}
+                   "fid": dataclasses.asdict(models.fid), "cache_keys": models.cache_keys,
+                   "digests": models.digests}
 
     def probe() -> None:
         """A host whose constructor raises or dies every time ends the job, not Ray's endless restarts. The probe
@@ -257,7 +260,11 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], models: "ResolvedModels", r
         bar.update(sizes.get(row["unit_id"], 0), units=f"{result.units_done}/{len(todo)}",
                    failed=len(result.units_failed))
 
-    account = run_scheduled(ModelHost, host_kwargs, todo, spec.runtime, on_result, log, while_starting=probe)
+    # Gradual Construction's reference logits are computed by the first host that loads a model: a second host
+    # shares that model's units once they are in the job's store (engine.runtime.reference).
+    warm_first = any("reference" in get_method_class(m.name).requires for m in spec.methods)
+    account = run_scheduled(ModelHost, host_kwargs, todo, spec.runtime, on_result, log, while_starting=probe,
+                            share_when_warm=warm_first)
     bar.close()
     result.account = account.as_dict()
     loads = sum(result.account["model_loads"].values())

@@ -1,5 +1,6 @@
-"""Scale benchmarks (`python -m jobs.bench --scale data|fleet`): an audit's peak memory, driver and every model
-host, as the dataset grows (`data`) and as the fleet grows under `runtime.models_per_host` (`fleet`).
+"""Scale benchmarks (`python -m jobs.bench --scale data|fleet|hosts`): an audit's peak memory, driver and every
+model host, as the dataset grows (`data`) and as the fleet grows under `runtime.models_per_host` (`fleet`); and its
+throughput as hosts are added to the same job (`hosts`).
 
 Every size runs as a fresh `python -m jobs.audit SPEC.yaml` subprocess, so each peak is that run's own; the
 figures come from the `<out>/reports/account.json` the audit writes. The data and models are made as users bring
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -141,10 +143,10 @@ def run_audit(spec: dict, workdir: Path, label: str, log: Log) -> tuple[dict, fl
 
 
 def _spec(name: str, out: Path, data_path: str, fleet: list[dict], queries: int, batch_size: int,
-          hosts: int, runtime: Optional[dict] = None) -> dict:
+          hosts: int, runtime: Optional[dict] = None, methods: Optional[list[dict]] = None) -> dict:
     return {"name": name, "output": str(out), "overwrite": True,
             "dataset": {"name": "parquet_images", "options": {"path": data_path}},
-            "fleet": fleet, "targets": "flip", "methods": [{"name": "fgsm"}],
+            "fleet": fleet, "targets": "flip", "methods": methods or [{"name": "fgsm"}],
             "queries": {"count": queries, "seed": 0}, "metrics": {"fid": {"extractor": "none"}},
             "runtime": {"batch_size": batch_size, "num_actors": hosts, "num_cpus_per_actor": 1, **(runtime or {})}}
 
@@ -219,3 +221,57 @@ def bench_fleet(sizes: Sequence[int], models_per_host: int = 4, queries: int = 8
     return {"command": command, "scale": "fleet", "models_per_host": models_per_host, "queries": queries,
             "hosts": hosts, "batch_size": batch_size, "model_file_mib": mib, "budget_mib": models_per_host * mib,
             "baseline": baseline, "rows": measured}
+
+
+def bench_hosts(counts: Sequence[int] = (1, 2), queries: int = 600, batch_size: int = 12, repeats: int = 3,
+                iterations: int = 300, data_dir: Optional[os.PathLike] = None, command: str = "",
+                log: Log = print) -> dict:
+    """`--scale hosts`: the same job (one CNN, Wachter with `iterations` steps, `queries` queries in units of
+    `batch_size`) on each count of hosts (1 CPU each), `repeats` fresh runs each, interleaved so that a noisy spell
+    of a shared machine hits every count. Throughput = units / the hosts' run seconds (first host ready to last
+    result, account.json); the speed-up of each count is its median throughput over the first count's."""
+    counts = sorted(set(int(c) for c in counts))
+    if not counts or counts[0] < 1 or repeats < 1:
+        raise ValueError(f"Expected --hosts counts and --repeats >= 1 but got {counts} and {repeats}")
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    log(f"$ {command}" if command else "bench --scale hosts")
+    path = cached_images(data_dir, 5 * queries, log=log)
+    fleet = build_cnn_fleet(data_dir, 1, width=8, train_steps=80, log=log)
+    methods = [{"name": "wachter", "params": {"max_iter": iterations}}]
+    log(f"wachter ({iterations} iterations), {queries} queries in units of {batch_size}, hosts {counts}, "
+        f"{repeats} runs each")
+    runs: dict[int, list[dict]] = {c: [] for c in counts}
+    for repeat in range(repeats):
+        for c in counts:
+            label = f"hosts-{c}-{repeat}"
+            spec = _spec(f"bench-scale-{label}", data_dir / "runs" / label, path, fleet, queries, batch_size, c,
+                         methods=methods)
+            account, seconds, _ = run_audit(spec, data_dir / "runs", label, log)
+            row = account_row(account, hosts=c, repeat=repeat, wall_seconds=seconds,
+                              run_seconds=float(account["host_run_seconds"]))
+            runs[c].append(row)
+            log(f"  {c} host(s), run {repeat + 1}: hosts ran {row['run_seconds']:.1f} s "
+                f"({row['units_done']} units, {row['host_units']} per host)")
+    rows = [{"hosts": c, "run_seconds": [r["run_seconds"] for r in runs[c]],
+             "median_run_seconds": statistics.median(r["run_seconds"] for r in runs[c]),
+             "units": runs[c][0]["units_done"] + runs[c][0]["units_failed"],
+             "explain_seconds": statistics.median(r["explain_seconds"] for r in runs[c])} for c in counts]
+    for r in rows:
+        r["speedup"] = rows[0]["median_run_seconds"] / r["median_run_seconds"]
+        r["efficiency"] = r["speedup"] * counts[0] / r["hosts"]  # 1.0: each added host as fast as the first
+    if command:
+        log(f"$ {command}")
+    for line in hosts_table(rows):
+        log(line)
+    return {"command": command, "scale": "hosts", "queries": queries, "batch_size": batch_size,
+            "iterations": iterations, "repeats": repeats, "rows": rows}
+
+
+def hosts_table(rows: list[dict]) -> list[str]:
+    """The printed table of `--scale hosts`: run seconds per repeat, their median, speed-up over the first row."""
+    lines = [f"{'hosts':>5} {'units':>6} {'run s (each)':<22} {'median s':>8} {'speed-up':>8} {'explain s':>9}"]
+    for r in rows:
+        each = " ".join(f"{s:.1f}" for s in r["run_seconds"])
+        lines.append(f"{r['hosts']:>5} {r['units']:>6} {each:<22} {r['median_run_seconds']:>8.1f} "
+                     f"{'x' + format(r['speedup'], '.2f'):>8} {r['explain_seconds']:>9.1f}")
+    return lines

@@ -2,12 +2,10 @@
 results that another plan or other models produced, and find the units still to run."""
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any, Callable, Optional
 
 import numpy as np
-import torch
 
 from engine.runtime.plan import WorkUnit
 from engine.spec.audit import AuditSpec
@@ -16,17 +14,6 @@ from engine.store.commit import (Claim, clear_output, new_run_id, output_state, 
 from engine.store.uri import exists, join, write_bytes_atomic
 
 JOB = "_job.json"
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes, bytes): the model's identity,
-    whether it came from a user's file or the zoo's cache."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{list(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:32]
 
 
 def plan_record(spec: AuditSpec, units: list[WorkUnit]) -> dict:

@@ -19,6 +19,7 @@ from engine.data import parquet_images as parquet_module
 from engine.data import registry
 from engine.data.source import InMemorySource
 from tests.fixtures.images import png_bytes, random_images
+from tests.fixtures.sources import SpyFragment, assert_same_split, assert_streamed_take_matches, shuffled_index
 
 
 _png = png_bytes
@@ -55,22 +56,6 @@ def parquet_paths(tmp_path_factory):
     return {"file": str(root / "one.parquet"), "dir": str(root / "many")}
 
 
-def _assert_same(got, want) -> None:
-    assert torch.equal(got.x, want.x) and got.x.dtype == want.x.dtype  # bit for bit
-    assert torch.equal(got.y, want.y)
-    assert (got.attributes is None) == (want.attributes is None)
-    if want.attributes is not None:
-        assert torch.equal(got.attributes, want.attributes)
-    assert (got.name, got.kind, got.value_range, got.class_names, got.attribute_names, got.feature_names) == \
-        (want.name, want.kind, want.value_range, want.class_names, want.attribute_names, want.feature_names)
-    assert got.meta == want.meta and got.schema == want.schema
-
-
-def _shuffled_index(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.concatenate([rng.permutation(n)[: max(n // 2, 1)], rng.integers(0, n, 7), [0, n - 1, 0]])
-
-
 PARQUET_OPTIONS = [
     {},
     {"split_column": "part", "attribute_columns": ["smile", "glasses"], "class_names": ["a", "b", "c"]},
@@ -90,11 +75,11 @@ def test_parquet_take_equals_load_subset(parquet_paths, layout, split, options):
     source = open_split("parquet_images", split, path=parquet_paths[layout], **options)
     assert source.streaming and len(source) == len(full) and torch.equal(source.labels, full.y)
     assert source.info.input_shape == full.input_shape and len(source.info) == 0
-    _assert_same(source.take(np.arange(0)), full.subset(torch.zeros(0, dtype=torch.int64)))
-    index = _shuffled_index(len(full))
-    _assert_same(source.take(index), full.subset(torch.as_tensor(index)))
-    _assert_same(source.take(torch.as_tensor(index[::-1].copy())), full.subset(torch.as_tensor(index[::-1].copy())))
-    _assert_same(source.take(np.array([-1, -2])), full.subset(torch.tensor([-1, -2])))
+    assert_same_split(source.take(np.arange(0)), full.subset(torch.zeros(0, dtype=torch.int64)))
+    index = shuffled_index(len(full))
+    assert_same_split(source.take(index), full.subset(torch.as_tensor(index)))
+    assert_same_split(source.take(torch.as_tensor(index[::-1].copy())), full.subset(torch.as_tensor(index[::-1].copy())))
+    assert_same_split(source.take(np.array([-1, -2])), full.subset(torch.tensor([-1, -2])))
 
 
 def test_parquet_channels_default_is_the_splits_first_image(tmp_path):
@@ -109,7 +94,7 @@ def test_parquet_channels_default_is_the_splits_first_image(tmp_path):
         source = open_split("parquet_images", split, path=str(tmp_path / "mixed.parquet"), split_column="part")
         assert source.info.input_shape[0] == (1 if split == "test" else 3)
         index = np.array([5, 1, 2])  # not the first row: channels must still follow it
-        _assert_same(source.take(index), full.subset(torch.as_tensor(index)))
+        assert_same_split(source.take(index), full.subset(torch.as_tensor(index)))
 
 
 def test_parquet_fsspec_memory_directory():
@@ -121,10 +106,7 @@ def test_parquet_fsspec_memory_directory():
         pq.write_table(_table(60).slice(lo, hi - lo), buf, row_group_size=8)
         fs.pipe(f"/cfaudit-source-test/part-{i}.parquet", buf.getvalue())
     try:
-        full = load_dataset("parquet_images", path="memory://cfaudit-source-test")
-        source = open_split("parquet_images", path="memory://cfaudit-source-test")
-        index = _shuffled_index(len(full), seed=1)
-        _assert_same(source.take(index), full.subset(torch.as_tensor(index)))
+        assert_streamed_take_matches("parquet_images", path="memory://cfaudit-source-test", seed=1)
     finally:
         fs.rm("/cfaudit-source-test", recursive=True)
 
@@ -138,10 +120,7 @@ def test_parquet_s3_directory_and_pickled_source(s3):
         pq.write_table(_table(60, seed=6).slice(lo, hi - lo), buf, row_group_size=16)
         fs.pipe(s3.url("source-test", f"part-{i}.parquet"), buf.getvalue())
     options = {"path": s3.url("source-test"), "split_column": "part", "attribute_columns": ["smile"]}
-    full = load_dataset("parquet_images", **options)
-    source = pickle.loads(pickle.dumps(open_split("parquet_images", **options)))  # as a Ray task receives it
-    index = _shuffled_index(len(full), seed=2)
-    _assert_same(source.take(index), full.subset(torch.as_tensor(index)))
+    assert_streamed_take_matches("parquet_images", seed=2, pickled=True, **options)
 
 
 @pytest.fixture(scope="module")
@@ -183,22 +162,11 @@ def test_parquet_blocks_decode_at_most_a_block(big_parquet, monkeypatch):
     assert not any(blob in pickled for blob in blobs[::50])
 
 
-class _SpyFragment:
-    """Wraps a Parquet fragment and records the row groups read from it."""
-
-    def __init__(self, fragment, seen: list) -> None:
-        self.fragment, self.seen = fragment, seen
-
-    def subset(self, row_group_ids):
-        self.seen.extend(row_group_ids)
-        return self.fragment.subset(row_group_ids=row_group_ids)
-
-
 def test_parquet_reads_only_the_row_groups_holding_the_rows(big_parquet):
     path, _ = big_parquet
     source = open_split("parquet_images", path=path, split_column="part")
     seen = []
-    source.index.fragments = [_SpyFragment(f, seen) for f in source.index.fragments]
+    source.index.fragments = [SpyFragment(f, seen) for f in source.index.fragments]
     source.take(np.array([250, 210, 299]))
     assert seen == [2]
     source.take(np.array([499, 5]))
@@ -209,12 +177,12 @@ def test_sample_is_seeded_sorted_and_whole_when_large(parquet_paths):
     options = {"path": parquet_paths["dir"], "split_column": "part"}
     full = load_dataset("parquet_images", **options)
     source = open_split("parquet_images", **options)
-    _assert_same(source.sample(len(full), seed=0), full)
-    _assert_same(source.sample(10 ** 6, seed=5), full)
+    assert_same_split(source.sample(len(full), seed=0), full)
+    assert_same_split(source.sample(10 ** 6, seed=5), full)
     got = source.sample(12, seed=7)
     positions = torch.randperm(len(full), generator=torch.Generator().manual_seed(7))[:12].sort().values
-    _assert_same(got, full.subset(positions))
-    _assert_same(open_split("parquet_images", **options).sample(12, seed=7), got)
+    assert_same_split(got, full.subset(positions))
+    assert_same_split(open_split("parquet_images", **options).sample(12, seed=7), got)
 
 
 def test_opener_signatures_match_the_loaders():
@@ -257,10 +225,10 @@ def test_image_folder_take_equals_load_subset(celeba, split, options):
     source = open_split("image_folder", split, path=celeba, **options)
     assert source.streaming and len(source) == len(full) and torch.equal(source.labels, full.y)
     assert source.info.input_shape == full.input_shape
-    index = _shuffled_index(len(full), seed=3)
-    _assert_same(source.take(index), full.subset(torch.as_tensor(index)))
+    index = shuffled_index(len(full), seed=3)
+    assert_same_split(source.take(index), full.subset(torch.as_tensor(index)))
     assert source.rows_read == len(np.unique(index))
-    _assert_same(source.sample(3, seed=1), full.subset(
+    assert_same_split(source.sample(3, seed=1), full.subset(
         torch.randperm(len(full), generator=torch.Generator().manual_seed(1))[:3].sort().values))
 
 
@@ -290,13 +258,13 @@ def test_in_memory_source_for_builtin(split):
     assert source.name == "shapes" and source.split == split and len(source) == len(full)
     assert torch.equal(source.labels, full.y) and source.rows_read == len(full)
     assert source.info.input_shape == full.input_shape and source.info.attributes.shape == (0, 6)
-    index = _shuffled_index(len(full))
-    _assert_same(source.take(index), full.subset(torch.as_tensor(index)))
-    _assert_same(source.sample(20, seed=2), full.subset(
+    index = shuffled_index(len(full))
+    assert_same_split(source.take(index), full.subset(torch.as_tensor(index)))
+    assert_same_split(source.sample(20, seed=2), full.subset(
         torch.randperm(len(full), generator=torch.Generator().manual_seed(2))[:20].sort().values))
     blocks = list(source.blocks(np.arange(len(full)), 64))
     assert [len(b) for b in blocks] == [64] * (len(full) // 64) + ([len(full) % 64] if len(full) % 64 else [])
-    _assert_same(source.blocks(index, 1000).__next__(), full.subset(torch.as_tensor(index)))
+    assert_same_split(source.blocks(index, 1000).__next__(), full.subset(torch.as_tensor(index)))
 
 
 def test_runtime_registered_dataset_is_in_memory(monkeypatch):
@@ -305,7 +273,7 @@ def test_runtime_registered_dataset_is_in_memory(monkeypatch):
     source = open_split("tiny", "test", n=6)
     assert isinstance(source, InMemorySource) and len(source) == 6 and source.name == "tiny"
     assert source.info.meta["dataset"] == "shapes" and source.info.meta["split"] == "test"
-    _assert_same(source.take([5, 0]), load_dataset("tiny", "test", n=6).subset(torch.tensor([5, 0])))
+    assert_same_split(source.take([5, 0]), load_dataset("tiny", "test", n=6).subset(torch.tensor([5, 0])))
 
 
 def _message(call) -> str:

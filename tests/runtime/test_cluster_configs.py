@@ -1,5 +1,6 @@
 """cluster/: the launcher and KubeRay manifests parse and say what they must; the local multi-node script
-runs an audit submitted with `ray job submit`, on its worker nodes, behind token auth, on loopback only."""
+runs an audit submitted with `ray job submit`, on its worker nodes, behind token auth, on loopback only, and
+its rows equal the same job's on a one-node local Ray."""
 import json
 import os
 import queue
@@ -156,7 +157,8 @@ def test_local_cluster_runs_a_submitted_audit(tmp_path):
                          for b in (0.0, 0.5, 1.0)]
         spec["queries"] = {"count": 2000, "seed": 0}
         spec["methods"] = [{"name": "fgsm"}, {"name": "wachter", "params": {"max_iter": 5}}]
-        spec["runtime"] = {"batch_size": 500, "num_actors": 2}  # one model host per worker node (1 CPU each)
+        spec["runtime"] = {"batch_size": 500, "num_actors": 2,  # one model host per worker node (1 CPU each)
+                           "cache_dir": str(tmp_path / "cache")}  # the local run below reuses the trained models
         (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
         client = {**env, "RAY_AUTH_MODE": "token"}
         job = ray_cli("job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", ".",
@@ -191,3 +193,13 @@ def test_local_cluster_runs_a_submitted_audit(tmp_path):
             proc.wait()
     wait_for(lines, "stopping the cluster", seen, timeout=5)
     assert proc.returncode == 0
+
+    # The same job on a private local Ray (one node) gives the same rows: placement across nodes changes nothing.
+    local = subprocess.run([sys.executable, "-m", "jobs.audit", str(tmp_path / "tiny.yaml"), "--output",
+                            str(tmp_path / "local")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert local.returncode == 0, (local.stdout + local.stderr)[-4000:]
+    key, compared = ["model_id", "method", "query_id"], ["target", "pred_cf", "success", "n_iter", "l1", "l2",
+                                                            "p_cf_target", "status"]
+    on_cluster, on_local = (pl.read_parquet(sorted((tmp_path / out / "results").rglob("part-*.parquet")),
+                                            columns=key + compared).sort(key) for out in ("out", "local"))
+    assert on_local.height == on_cluster.height and on_local.equals(on_cluster)

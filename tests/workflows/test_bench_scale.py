@@ -131,3 +131,28 @@ def test_scale_data_end_to_end_prints_peaks_and_growth(tmp_path):
     assert table_lines[3].startswith("growth 300 -> 600 rows: driver x") and "run max" in table_lines[4]
     assert any(line.startswith("    [explain] done in") for line in lines)  # the audits' stages as progress
     assert (tmp_path / "runs" / "data-600.log").exists()
+
+
+def test_scale_hosts_interleaves_counts_and_takes_medians(tmp_path, monkeypatch):
+    """Runs alternate between host counts (so a noisy spell hits both); speed-up = median run s of 1 / of 2."""
+    monkeypatch.setattr(bench_scale, "cached_images", lambda *a, **k: str(tmp_path / "images"))
+    monkeypatch.setattr(bench_scale, "build_cnn_fleet", lambda *a, **k: [{"id": "m", "path": "m.pt"}])
+    seconds = {(1, 0): 20.0, (2, 0): 11.0, (1, 1): 22.0, (2, 1): 10.0, (1, 2): 18.0, (2, 2): 30.0}
+    order = []
+
+    def fake_run(spec, workdir, label, log):
+        hosts, repeat = spec["runtime"]["num_actors"], int(label.rsplit("-", 1)[1])
+        order.append((hosts, repeat))
+        assert spec["methods"] == [{"name": "wachter", "params": {"max_iter": 50}}]
+        account = dict(_account(700.0, [600.0] * hosts, {"m": hosts}, units=48), host_run_seconds=seconds[(hosts, repeat)])
+        return account, 1.0, 0.0
+
+    monkeypatch.setattr(bench_scale, "run_audit", fake_run)
+    lines = []
+    table = bench_scale.bench_hosts([2, 1], queries=40, repeats=3, iterations=50, data_dir=tmp_path,
+                                    log=lines.append)
+    assert order == [(1, 0), (2, 0), (1, 1), (2, 1), (1, 2), (2, 2)]
+    one, two = table["rows"]
+    assert one["median_run_seconds"] == 20.0 and two["median_run_seconds"] == 11.0
+    assert two["speedup"] == pytest.approx(20 / 11) and two["efficiency"] == pytest.approx(20 / 22)
+    assert lines[-1].split() == ["2", "48", "11.0", "10.0", "30.0", "11.0", "x1.82", "3.5"]
