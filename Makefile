@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml constraints-local.txt Makefile
 demo: install
 	$(VENV)/bin/cfaudit demo --out $(OUT)
 
+# lint-imports: the layer order and the report/private-name contracts of pyproject's [tool.importlinter].
 test: install browser
-	$(PY) -m pytest -q
+	$(VENV)/bin/lint-imports && $(PY) -m pytest -q
 
 # The dashboard's browser test needs Debian's chromium; installed where apt works, else that test skips.
 browser:

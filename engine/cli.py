@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from importlib import resources
 from pathlib import Path
+
+from engine.runtime.cluster import RAY_LOGS_ENV, ray_stderr_filter
+from engine.store.uri import StorageError
 
 DEFAULT_DEMO_OUT = "cfaudit-out/demo"
 
@@ -31,6 +35,7 @@ def with_overrides(spec, output: str | None, overwrite: bool):
 
 
 def _audit(args: argparse.Namespace) -> int:
+    # deferred: a sub-command loads only its own workflow (torch, Ray, the methods)
     from engine.spec import AuditSpec, load_spec
     from engine.workflows.audit import audit
 
@@ -41,6 +46,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    # deferred: a sub-command loads only its own workflow (torch, Ray, the methods)
     from engine.spec import AuditSpec, load_spec
     from engine.workflows.audit import audit
 
@@ -56,6 +62,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # deferred: a sub-command loads only its own workflow (torch, Ray, the methods)
     from engine.workflows.train import train_from_file
 
     train_from_file(args.spec, log=engine_log(args))
@@ -65,6 +72,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    # deferred: a sub-command loads only its own workflow (torch, Ray, the methods)
     from engine.report.bias import audit_settings, fleet_headline, write_reports
     from engine.report.dashboard import render_dashboard
     from engine.report.summary import audit_states, headline, write_summary
@@ -78,6 +86,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    # deferred: a sub-command loads only its own workflow (torch, Ray, the methods)
     from engine.spec import load_spec
     from engine.spec.sweep import SweepSpec
     from engine.workflows.sweep import sweep
@@ -89,16 +98,19 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _augment(args: argparse.Namespace) -> int:
+    # deferred: a sub-command loads only its own workflow (torch, Ray, the methods)
     from engine.spec import load_spec
     from engine.spec.augment import AugmentSpec
 
     spec = load_spec(AugmentSpec, args.spec)
     spec = with_overrides(spec, args.output, args.overwrite)
     if args.evaluate:
+        # deferred: a sub-command loads only its own workflow (torch, Ray, the methods)
         from engine.workflows.augment_eval import evaluate
 
         evaluate(spec, log=engine_log(args), summary=print)
         return 0
+    # deferred: a sub-command loads only its own workflow (torch, Ray, the methods)
     from engine.workflows.augment import augment
 
     result = augment(spec, log=engine_log(args), progress=not args.quiet, summary=print)
@@ -107,6 +119,7 @@ def _augment(args: argparse.Namespace) -> int:
 
 def _schema(args: argparse.Namespace) -> int:
     """Infer (or check) a table's feature schema, print its summary and the YAML to correct."""
+    # deferred: a sub-command loads only what it runs (YAML, the tabular readers)
     import yaml
 
     from engine.data.schema_infer import resolve_schema
@@ -129,8 +142,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    import dataclasses
-
+    # deferred: a sub-command loads only its own workflow (torch, Ray, the methods)
     from engine.methods import get_method_class, method_names
 
     for name in method_names():
@@ -203,16 +215,13 @@ def set_torch_threads() -> None:
     On a small shared machine torch's default (every core) oversubscribes it: training the demo's
     CNN took 114 s with 2 threads against 12 s with 1 on a loaded 2-core machine.
     """
-    import torch
+    import torch  # deferred: `cfaudit --help` and argument errors answer without loading torch
 
     threads = os.environ.get("CFAUDIT_TORCH_THREADS")
     torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 2) // 2))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.runtime.cluster import RAY_LOGS_ENV, ray_stderr_filter
-    from engine.store.uri import StorageError
-
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = build_parser().parse_args(argv)
     set_torch_threads()

@@ -65,15 +65,15 @@ def attribute_columns(cf: CFBatch, bundle: ModelBundle, x: torch.Tensor) -> dict
     out: dict = {}
     if cf.z0 is not None and cf.z_cf is not None:
         out["z_l2"] = torch.nan_to_num((cf.z_cf - cf.z0).flatten(1).norm(dim=1), nan=float("inf")).cpu().numpy()
-    delta = cf.extras.get("attribute_delta")
+    delta = cf.attribute_delta
     if delta is None and cf.a0 is not None and cf.a_cf is not None:
         delta = cf.a_cf - cf.a0
-    names = cf.extras.get("attribute_names") or (bundle.generator.attribute_names if bundle.generator else [])
+    names = cf.attribute_names or (bundle.generator.attribute_names if bundle.generator else [])
     if delta is not None and names:
         values = delta.detach().float().cpu().numpy()
         out["attribute_delta"] = [list(zip(names, map(float, row))) for row in values]
-    if "top_attributes" in cf.extras:
-        out["top_attributes"] = [list(map(str, row)) for row in cf.extras["top_attributes"]]
+    if cf.top_attributes is not None:
+        out["top_attributes"] = [list(map(str, row)) for row in cf.top_attributes]
     if bundle.oracle is not None:
         with torch.no_grad():
             before = bundle.oracle.logits(x) > 0
@@ -114,7 +114,6 @@ def cf_to_table(batch: QueryBatch, p_orig: torch.Tensor, cf: CFBatch, seconds: f
 
 
 def _reasons(cf: CFBatch) -> list:
-    reason = cf.extras.get("reason")
-    if reason is None:
+    if not cf.reason and cf.status:  # a CFBatch built without reasons
         return [None if status == "ok" else status for status in cf.status]
-    return [None if r in (None, "") else str(r) for r in reason]
+    return [None if r in (None, "") else str(r) for r in cf.reason]

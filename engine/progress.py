@@ -56,7 +56,7 @@ class Progress:
         self.closed = False
         self._bar = None
         if bar and log is not None and sys.stderr.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # deferred: tqdm loads only when a terminal shows a bar
 
             self._bar = tqdm(total=self.total, initial=self.done, desc=stage.strip(), unit=unit,
                              dynamic_ncols=True)

@@ -60,10 +60,12 @@ class CFBatch:
 
     x_cf: [B, *input_shape]; p_orig, p_cf: [B, K] softmax probabilities;
     success: [B] bool; n_iter: [B] int64 optimisation steps used by each query;
-    status: per-query status string (STATUS_*).
+    status: per-query status string (STATUS_*); reason: per query, why it is not "ok" in words ("" if ok).
     Optional: z0/z_cf [B, k] latents, a0/a_cf [B, A] attributes,
     path [B, S, *input_shape] progressive series, explanation [B, *input_shape] difference map,
     n_features [B] number of features the method chose to change (GC masking steps).
+    The other optional fields are what one method or family reports beside the counterfactual; the method's
+    class docstring says which it fills. None: the method does not report it.
     """
 
     x_cf: torch.Tensor
@@ -80,7 +82,31 @@ class CFBatch:
     path: Optional[torch.Tensor] = None
     explanation: Optional[torch.Tensor] = None
     n_features: Optional[torch.Tensor] = None
-    extras: dict = field(default_factory=dict)
+    reason: list[str] = field(default_factory=list)
+    # Latent searches (CDeepEx, xGEM): the residual Δ = x − G(z0) [B, *input_shape] (CDeepEx Eq. 2).
+    residual: Optional[torch.Tensor] = None
+    # Attribute edits (AIP §4.6.1, GCI Fig. 6/8): Δ = a_cf − a0 [B, A] (or L′ − L0), its column names, and per
+    # query the names of the most changed entries, largest |Δ| first.
+    attribute_delta: Optional[torch.Tensor] = None
+    attribute_names: Optional[list[str]] = None
+    top_attributes: Optional[list[list[str]]] = None
+    # Gradual construction: the mask M [B, *input_shape] bool of Eq. 1.
+    mask: Optional[torch.Tensor] = None
+    # Introspection: λ [B] of the round that gave x_cf (Eq. 2; NaN if no search ran); prototype [B] bool (c′ = c).
+    lam: Optional[torch.Tensor] = None
+    prototype: Optional[torch.Tensor] = None
+    # Growing spheres: outer radius [B] of the last layer drawn (0 when none was).
+    radius: Optional[torch.Tensor] = None
+    # CDeepEx at x_cf (Eq. 2-4), [B] each: h = llh_true − llh_probe, the margin over every other class, the
+    # constraint violation and the final penalty c.
+    llh_gap: Optional[torch.Tensor] = None
+    margin: Optional[torch.Tensor] = None
+    violation: Optional[torch.Tensor] = None
+    penalty: Optional[torch.Tensor] = None
+    # Progressive exaggeration, [B, S] each: desired f(x) + δ, achieved f(x_δ), and the bins c_f(x, δ).
+    desired: Optional[torch.Tensor] = None
+    achieved: Optional[torch.Tensor] = None
+    bins: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.x_cf.shape[0]

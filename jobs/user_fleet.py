@@ -5,6 +5,7 @@ audit spec per dataset that takes them as given, and with --audit both audits ru
 import argparse
 import sys
 
+from engine.cli import main as cfaudit
 from engine.workflows.user_fleet import write_specs
 
 
@@ -19,8 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.audit:
         print("run: " + "; ".join(f"cfaudit audit {s}" for s in specs))
         return 0
-    from engine.cli import main as cfaudit
-
     return max(cfaudit(["audit", spec]) for spec in specs)
 
 

@@ -123,7 +123,7 @@ def missing_column(where: str, option: str, column: str, available: Sequence[str
 
 def url_to_fs(path: str):
     """An fsspec (filesystem, path) pair for a local path or URI."""
-    import fsspec
+    import fsspec  # deferred: fsspec loads only when a path or URI is opened
 
     return fsspec.core.url_to_fs(str(path))
 
@@ -149,7 +149,7 @@ def decode_images(blobs: Sequence[bytes], where: str, channels: Optional[int] = 
 
     channels: 1 (grayscale) or 3 (RGB); None takes it from the first image. size: (h, w) resize (bilinear).
     """
-    from PIL import Image
+    from PIL import Image  # deferred: Pillow loads only when encoded images are decoded
 
     if not len(blobs):
         raise ValueError(f"{where}: no images to decode")

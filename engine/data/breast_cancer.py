@@ -12,7 +12,7 @@ SPLIT_SEED = 0
 
 def load_breast_cancer(split: str = "train") -> ArrayDataset:
     """x [N, 30] float32 min-max scaled by train statistics (test clipped to [0, 1]); y 0 = malignant, 1 = benign."""
-    from sklearn.datasets import load_breast_cancer as sk_load
+    from sklearn.datasets import load_breast_cancer as sk_load  # deferred: scikit-learn loads only for this dataset
 
     check_split("breast_cancer", split)
     bunch = sk_load()

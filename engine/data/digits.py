@@ -14,7 +14,7 @@ SPLIT_SEED = 0  # fixed: the 80/20 split never changes between runs
 
 def load_digits(split: str = "train", *, size: int = 8) -> ArrayDataset:
     """x [N, 1, size, size] float32 in [0, 1]; y [N] digits 0..9; stratified 80/20 split by a fixed seed."""
-    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.datasets import load_digits as sk_load_digits  # deferred: scikit-learn loads only for this dataset
 
     check_split("digits", split)
     if isinstance(size, bool) or size not in SIZES:

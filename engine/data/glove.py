@@ -43,7 +43,7 @@ def _index(root: str) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=2)
 def _read_index(root: str) -> tuple[dict[str, int], int]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: pyarrow.parquet loads only when the vectors are read
 
     table = pq.read_table(Path(root) / INDEX_FILE)
     if table.num_columns != 1:

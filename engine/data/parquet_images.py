@@ -118,7 +118,7 @@ def open_parquet_images(split: str = "train", *, path: str, image_column: str = 
                         limit: Optional[int] = None) -> ParquetImagesSource:
     """Open a split for `take` (options as `load_parquet_images`): reads the footers, labels and split column,
     and the split's first image (for its shape and default channels); no other image."""
-    import pyarrow.dataset as pads
+    import pyarrow.dataset as pads  # deferred: pyarrow.dataset loads only when a Parquet split is scanned
 
     where = f"parquet_images {path}"
     check_split("parquet_images", split)

@@ -11,7 +11,7 @@ _READ_BATCH = 256
 
 def _streamed_pages():
     """Scan options that read a column chunk page by page instead of whole (Arrow's default pre-buffers it)."""
-    import pyarrow.dataset as pads
+    import pyarrow.dataset as pads  # deferred: pyarrow.dataset loads only when a Parquet split is scanned
 
     return pads.ParquetFragmentScanOptions(use_buffered_stream=True, buffer_size=1 << 20, pre_buffer=False)
 

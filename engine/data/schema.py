@@ -146,7 +146,7 @@ class TabularSchema(BaseModel):
     def encode(self, df, where: str = "table") -> np.ndarray:
         """A polars DataFrame -> [N, D] float32 in [0, 1]; a missing column, an unknown category, a null or
         a value outside its range is a ValueError naming the feature."""
-        import polars as pl
+        import polars as pl  # deferred: polars loads only for tabular data
 
         parts = []
         for f in self.features:

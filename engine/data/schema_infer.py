@@ -9,13 +9,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from pydantic import ValidationError
 
+from engine.data._common import url_to_fs
 from engine.data.schema import FeatureSpec, TabularSchema
 
 
 def infer_schema(df, columns: Optional[Sequence[str]] = None) -> TabularSchema:
     """A schema from the table: strings and booleans categorical (sorted values), integer columns integer,
     floats continuous; ranges are the column's min and max."""
-    import polars as pl
+    import polars as pl  # deferred: polars loads only for tabular data
 
     features = []
     for name in (columns if columns is not None else df.columns):
@@ -84,9 +85,7 @@ def resolve_schema(option: Any, df, columns: Sequence[str], where: str) -> Tabul
 
 
 def _read_mapping(path: str, where: str) -> dict:
-    import yaml
-
-    from engine.data._common import url_to_fs
+    import yaml  # deferred: YAML loads only for a schema file
 
     fs, fpath = url_to_fs(path)
     if not fs.exists(fpath):

@@ -33,8 +33,8 @@ class TableFile:
     (`column`) and a set of rows (`read`). Picklable: it holds the path, never the rows."""
 
     def __init__(self, path: str) -> None:
-        import fsspec.implementations.local as local
-        import polars as pl
+        import fsspec.implementations.local as local  # deferred: fsspec and polars load only when a table is opened
+        import polars as pl  # deferred: polars loads only for tabular data
 
         self.path, self.format = str(path), table_format(path)
         self.fs, self.fpath = url_to_fs(path)
@@ -48,8 +48,8 @@ class TableFile:
             self.schema: pl.Schema = lf.collect_schema()
 
     def _open_parquet(self):
-        import pyarrow as pa
-        import pyarrow.dataset as pads
+        import pyarrow as pa  # deferred: pyarrow loads only for a Parquet table
+        import pyarrow.dataset as pads  # deferred: pyarrow.dataset loads only when a Parquet table is scanned
 
         try:
             data = pads.dataset(self.fpath, filesystem=self.fs, format="parquet")
@@ -72,7 +72,7 @@ class TableFile:
     @contextmanager
     def _scan(self) -> Iterator:
         """A polars LazyFrame over every row (for a remote CSV, valid inside the context only)."""
-        import polars as pl
+        import polars as pl  # deferred: polars loads only for tabular data
 
         if self.format == "parquet":
             # polars' own reader streams a local file by row group; Arrow's scanner serves fsspec and directories
@@ -94,7 +94,7 @@ class TableFile:
 
     def read(self, rows: np.ndarray, columns: list[str]):
         """Sorted distinct file rows [K] -> a DataFrame of their `columns` in that order, holding ~K rows."""
-        import polars as pl
+        import polars as pl  # deferred: polars loads only for tabular data
 
         columns = list(dict.fromkeys(columns))
         if self.format == "parquet":

@@ -19,6 +19,7 @@ import torch
 from engine.data._common import (check_fraction, check_int, check_split, encode_labels, minmax_apply, minmax_fit,
                                  missing_column, row_partition, split_indices, url_to_fs)
 from engine.data.base import ArrayDataset
+from engine.data.schema_infer import resolve_schema
 from engine.data.source import StreamingSource
 from engine.data.table_file import FORMATS, ColumnView, TableFile, table_format
 
@@ -27,7 +28,7 @@ __all__ = ["FORMATS", "TabularSource", "load_tabular", "open_tabular", "read_tab
 
 def read_table(path: str):
     """A polars DataFrame from a CSV or Parquet file (local path or fsspec URI), read whole."""
-    import polars as pl
+    import polars as pl  # deferred: polars loads only for tabular data
 
     fmt = table_format(path)
     fs, fpath = url_to_fs(path)
@@ -50,7 +51,7 @@ class MinMaxEncoding:
         return len(self.columns)
 
     def __call__(self, df, where: str) -> np.ndarray:
-        import polars as pl
+        import polars as pl  # deferred: polars loads only for tabular data
 
         x = df.select([pl.col(c).cast(pl.Float64) for c in self.columns]).to_numpy(order="c")  # row-major, as before
         return minmax_apply(x, self.lo, self.scale)
@@ -168,7 +169,7 @@ def _keys(table: TableFile, label_column: str, split_column: Optional[str]):
 def _numeric_features(table: TableFile, feature_columns: Optional[Sequence[str]], label_column: str,
                       split_column: Optional[str], where: str) -> list[str]:
     """The feature columns asked for (each numeric or boolean), or by default every such column."""
-    import polars as pl
+    import polars as pl  # deferred: polars loads only for tabular data
 
     if feature_columns is None:
         skip = {label_column, split_column}
@@ -189,7 +190,7 @@ def _numeric_features(table: TableFile, feature_columns: Optional[Sequence[str]]
 
 def _check_nulls(table: TableFile, columns: list[str], where: str) -> None:
     """ValueError naming the first of `columns` holding nulls (one pass)."""
-    import polars as pl
+    import polars as pl  # deferred: polars loads only for tabular data
 
     counts = table.collect(lambda lf: lf.select([pl.col(c).null_count().alias(str(i))
                                                  for i, c in enumerate(columns)])).row(0)
@@ -202,7 +203,7 @@ def _train_minmax(table: TableFile, features: list[str], train: np.ndarray,
                   where: str) -> tuple[np.ndarray, np.ndarray]:
     """`minmax_fit` of the features' float64 values on the train rows [D], in one pass that also checks every
     row is finite: the column minima and maxima are exact, so minmax_fit([lo, hi]) gives its (lo, scale)."""
-    import polars as pl
+    import polars as pl  # deferred: polars loads only for tabular data
 
     row = table.free_name()
     is_train = pl.col(row).is_in(pl.Series(train, dtype=pl.get_index_type()).implode())
@@ -224,8 +225,6 @@ def _open_with_schema(table: TableFile, split: str, schema: Any, where: str, lab
                       feature_columns: Optional[Sequence[str]], split_rows: _SplitRows, meta: dict) -> TabularSource:
     """Encode the table by its feature schema: ranges and categories describe the whole table, so a
     counterfactual record is judged against the same domain whichever split it came from."""
-    from engine.data.schema_infer import resolve_schema
-
     split_column = split_rows.split_column
     if feature_columns is None:
         columns = [c for c in table.columns if c not in {label_column, split_column}]

@@ -29,6 +29,7 @@ from engine.data import glove
 from engine.data._common import check_fraction, check_int, check_split, split_indices
 from engine.data.base import ArrayDataset
 from engine.data.source import StreamingSource
+from engine.data.tabular import read_table
 from engine.data.vocab import PAD, TextVocab
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
@@ -79,8 +80,6 @@ def _read_corpus(corpus: str, text_column: str, label_column: str) -> tuple[list
             rows = [(r["text"], r["category"]) for r in csv.DictReader(handle) if r["category"] in RT_CLASSES]
         classes = RT_CLASSES
     else:
-        from engine.data.tabular import read_table
-
         df = read_table(corpus)
         for option, column in (("text_column", text_column), ("label_column", label_column)):
             if column not in df.columns:

@@ -11,11 +11,11 @@ import torch
 
 from engine.methods import losses
 from engine.methods.base import Method, register
-from engine.methods.latent_search import with_residual
-from engine.methods.search import (SearchState, active_gradient, all_finite, begin, check_field, clamp_st, finish,
-                                   rows_view, settle)
-from engine.models.handles import GeneratorHandle, ModelBundle
-from engine.types import CFBatch, QueryBatch
+from engine.methods.latent_search import encode, with_residual
+from engine.methods.search import (Found, SearchState, active_gradient, all_finite, check_field, clamp_st, rows_view,
+                                   settle)
+from engine.models.handles import ModelBundle
+from engine.types import QueryBatch
 
 NAME = "aip"
 ATTRIBUTE_RANGE = (0.0, 1.0)  # attributes are binary annotations, "represented as one-hot vectors" (§3.2)
@@ -57,8 +57,8 @@ class AIP(Method):
 
     The decoded image is clamped into the classifier's value_range (straight-through; a no-op for a
     sigmoid decoder). x_cf = G_dec(z, a); a query already classified as the target, or non-finite from
-    the start, keeps x_cf = x0 and z_cf, a_cf = z0, a0. extras["attribute_delta"] = a_cf − a0 [B, t] with
-    extras["attribute_names"]: the per-attribute perturbation scale that §4.6.1 (Fig. 9) reads to find
+    the start, keeps x_cf = x0 and z_cf, a_cf = z0, a0. CFBatch.attribute_delta = a_cf − a0 [B, t] with
+    its attribute_names: the per-attribute perturbation scale that §4.6.1 (Fig. 9) reads to find
     the attributes behind a decision.
 
     `residual` (not in AIP, which decodes the whole image): x_cf = x + (G_dec(z, a) − G_dec(z0, a0)), the
@@ -78,13 +78,10 @@ class AIP(Method):
             raise ValueError(f"Method {NAME!r} needs an attribute-informed generator (latent z ⊕ a, AIP §3.2); "
                              f"generator {models.generator.model_id!r} has no attribute_names")
 
-    def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
-        self.check_models(models)
+    def _search(self, batch: QueryBatch, models: ModelBundle, state: SearchState) -> Found:
         cfg, handle, gen = self.config, models.classifier, models.generator
-        state = begin(NAME, batch, models)
         x, target = state.x, state.target
-        lo, hi = (float(v) for v in handle.value_range)
-        z0, a0 = _encode(gen, x)
+        z0, a0 = encode(NAME, gen, x)  # Alg. 1 l.3
         state.freeze(torch.arange(len(x), device=x.device), ~all_finite(torch.cat([z0, a0], 1)), nan=True)
         started = state.active.clone()
         k = z0.shape[1]
@@ -101,7 +98,7 @@ class AIP(Method):
                                  f"classifier {handle.model_id!r} expects {list(x.shape[1:])}")
             if g0 is not None:
                 x_new = with_residual(x[rows], x_new, g0[rows])
-            return clamp_st(x_new, lo, hi)
+            return clamp_st(x_new, *state.bounds)
 
         def objective(w: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = handle.logits(decode(w, rows)).float()
@@ -124,22 +121,9 @@ class AIP(Method):
                 x_cf[started] = decode(w[started], started.nonzero().squeeze(1))
         w = torch.where(rows_view(started, w), w, w0)
         z_cf, a_cf = w[:, :k].contiguous(), w[:, k:].contiguous()
-        out = finish(state, x_cf, handle, criterion=lambda logits, t: torch.ones_like(t, dtype=torch.bool),
-                     budget_reason=f"decoded G(z, a) not classified as the target after n_max={cfg.n_max} steps",
-                     extras={"attribute_delta": a_cf - a0, "attribute_names": list(gen.attribute_names)})
-        out.z0, out.z_cf, out.a0, out.a_cf = z0, z_cf, a0, a_cf
-        return out
-
-
-def _encode(gen: GeneratorHandle, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """G_enc(x) = z0 ⊕ a0 (Alg. 1 l.3): [B, k] and [B, t] float32."""
-    with torch.no_grad():
-        z0, a0 = gen.encode(x)
-    if a0 is None or a0.dim() != 2 or a0.shape[1] != len(gen.attribute_names):
-        got = None if a0 is None else list(a0.shape)
-        raise ValueError(f"{NAME}: expected generator {gen.model_id!r} to encode attributes of shape "
-                         f"[B, {len(gen.attribute_names)}] ({gen.attribute_names}), got {got}")
-    return z0.float().flatten(1), a0.float()
+        return Found(x_cf, f"decoded G(z, a) not classified as the target after n_max={cfg.n_max} steps",
+                     outputs={"attribute_delta": a_cf - a0, "attribute_names": list(gen.attribute_names),
+                              "z0": z0, "z_cf": z_cf, "a0": a0, "a_cf": a_cf})
 
 
 def _descend_gd(param: torch.Tensor, objective: Callable[[torch.Tensor, torch.Tensor],

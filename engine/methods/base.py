@@ -1,11 +1,15 @@
 """The Method contract and the registry: name -> (frozen config dataclass, class)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 from typing import Any, ClassVar
 
+import torch
+
+from engine.methods.search import Outcome, SearchState, begin
 from engine.models.handles import ModelBundle
 from engine.types import CFBatch, QueryBatch
 
@@ -13,9 +17,11 @@ _REGISTRY: dict[str, type["Method"]] = {}
 
 
 class Method:
-    """One counterfactual method. Subclasses set `name`, `Config` and implement `explain`.
+    """One counterfactual method. Subclasses set `name`, `Config` and implement `_search`, the paper's algorithm.
 
-    `explain` is pure batched torch: no Ray, no I/O, deterministic given batch.seed.
+    `explain` is the template every method runs: validate the models, `begin` (validate the batch, classify the
+    originals, set up the per-query masks), `_search`, then the `finish` its result names. It is pure batched
+    torch: no Ray, no I/O, deterministic given batch.seed.
     `requires` names what the ModelBundle must hold ("classifier", "reference", "generator", "encoder",
     "explainer").
     """
@@ -37,6 +43,16 @@ class Method:
         self.config = make_config(self.name, overrides, base=config)
 
     def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
+        self.check_models(models)
+        # A gradient-free method runs without autograd (nothing it computes needs a graph).
+        with contextlib.nullcontext() if self.needs_gradients else torch.no_grad():
+            state = begin(self.name, batch, models)
+            found = self._search(batch, models, state)
+            return found.finish(state, models.classifier)
+
+    def _search(self, batch: QueryBatch, models: ModelBundle, state: SearchState) -> Outcome:
+        """The method's algorithm on the batch `begin` set up; updates `state` (masks, n_iter) and returns what
+        `finish` needs (search.Found for input-space results, latent_search.LatentFound for latents)."""
         raise NotImplementedError
 
     def check_models(self, models: ModelBundle) -> None:

@@ -9,10 +9,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from engine.methods.base import Method, register
-from engine.methods.latent_search import find_z0, finish_latent
-from engine.methods.search import AdamState, begin, check_field, descend
+from engine.methods.latent_search import LatentFound, find_z0
+from engine.methods.search import AdamState, SearchState, check_field, descend
 from engine.models.handles import ModelBundle
-from engine.types import CFBatch, QueryBatch
+from engine.types import QueryBatch
 
 NAME = "cdeepex"
 
@@ -125,18 +125,16 @@ class CDeepEx(Method):
 
     success (the paper's criterion, not "argmax = target"): |llh_true − llh_probe| ≤ tol, both beat every other
     class by ≥ ε − tol, and D's two most likely classes are {true, probe}; the point sits on the boundary,
-    so argmax f(x_cf) may be either. extras: "llh_gap" h [B], "margin" [B] = min over y′ of
-    min(llh_true, llh_probe) − llh_y′ (+inf with two classes), "violation" [B], "c" [B], "residual" Δ.
+    so argmax f(x_cf) may be either. CFBatch also holds llh_gap h [B], margin [B] = min over y′ of
+    min(llh_true, llh_probe) − llh_y′ (+inf with two classes), violation [B], penalty c [B] and residual Δ.
     """
 
     name = NAME
     Config = CDeepExConfig
     requires = ("classifier", "generator")
 
-    def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
-        self.check_models(models)
+    def _search(self, batch: QueryBatch, models: ModelBundle, state: SearchState) -> LatentFound:
         cfg, handle = self.config, models.classifier
-        state = begin(NAME, batch, models)
         latent = find_z0(NAME, batch, state, models.generator, handle, steps=cfg.invert_steps, lr=cfg.invert_lr,
                          kappa=cfg.invert_kappa)
         true, probe = state.logits_orig.argmax(1), state.target
@@ -183,8 +181,7 @@ class CDeepEx(Method):
             top2 = llh.topk(min(2, llh.shape[1]), dim=1).indices
             pair = ((top2 == true[:, None]) | (top2 == target[:, None])).all(1)
             v = violation(h, g_true, g_probe)
-            return (v <= tol) & pair, {"llh_gap": h, "margin": margin, "violation": v, "c": mult.c}
+            return (v <= tol) & pair, {"llh_gap": h, "margin": margin, "violation": v, "penalty": mult.c}
 
-        return finish_latent(state, latent, z, handle, success=criterion,
-                             budget_reason=f"constraints of Eq. 2 not met within tol={tol} after {cfg.outer_iters} "
-                                           f"augmented-Lagrangian iterations of {cfg.inner_steps} steps")
+        return LatentFound(latent, z, f"constraints of Eq. 2 not met within tol={tol} after {cfg.outer_iters} "
+                                      f"augmented-Lagrangian iterations of {cfg.inner_steps} steps", success=criterion)

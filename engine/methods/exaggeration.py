@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from engine.methods.base import Method, register
-from engine.methods.search import begin, check_field, finish
+from engine.methods.search import Found, SearchState, check_field
 from engine.models.explainer_training import bin_centres, bin_index, positive_log_probs
 from engine.models.handles import ModelBundle
-from engine.types import CFBatch, QueryBatch
+from engine.types import QueryBatch
 
 NAME = "exaggeration"
 
@@ -44,8 +44,8 @@ def saliency(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
 class Exaggeration(Method):
     """Progressive series through the classifier's trained explainer, batched over queries and steps.
 
-    Output: path [B, S, *shape] (S = num_bins, or len(deltas)); extras["desired"] [B, S] = f(x) + δ
-    (bin centres for the whole series), extras["achieved"] [B, S] = f(x_δ), extras["bins"] [B, S];
+    Output: path [B, S, *shape] (S = num_bins, or len(deltas)); desired [B, S] = f(x) + δ
+    (bin centres for the whole series), achieved [B, S] = f(x_δ), bins [B, S];
     x_cf = the series' last step if the target is the explainer's positive class, else its first step
     (Table 3: f(x) + δ > 0.9 or < 0.1); success = argmax f(x_cf) == target; n_iter = S;
     explanation = saliency [B, *shape] in [0, 1] (§4.3, from the bins at both ends of f's range).
@@ -57,12 +57,10 @@ class Exaggeration(Method):
     requires = ("classifier", "explainer")
     explanation_kind = "saliency"
 
-    def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
-        self.check_models(models)
-        cfg, handle, explainer = self.config, models.classifier, models.explainer
-        state = begin(NAME, batch, models)
+    def _search(self, batch: QueryBatch, models: ModelBundle, state: SearchState) -> Found:
+        cfg, handle = self.config, models.classifier
         device, n = state.x.device, len(state.x)
-        explainer = explainer.to(device).eval()
+        explainer = models.explainer.to(device).eval()
         nb, pos = int(explainer.num_bins), int(explainer.positive_class)
         if pos >= handle.num_classes:
             raise ValueError(f"{NAME}: the explainer exaggerates class {pos} but model {handle.model_id!r} has "
@@ -92,16 +90,12 @@ class Exaggeration(Method):
         keep = state.already | state.nan
         x_cf = torch.where(keep.view(-1, *([1] * (x_cf.dim() - 1))), state.x, x_cf)
         state.n_iter = torch.where(keep, torch.zeros_like(state.n_iter), torch.full_like(state.n_iter, s))
-        out = finish(state, x_cf, handle, criterion=lambda lg, t: torch.ones_like(t, dtype=torch.bool),
-                     budget_reason="", extras={"desired": desired, "achieved": achieved, "bins": bins})
-        out.path, out.explanation = path, saliency(low, high)
         rows = torch.arange(n, device=device)
         wanted, got = desired[rows, pick].tolist(), achieved[rows, pick].tolist()
-        out.extras["reason"] = [
-            f"the series' end point for the target (desired f={w:.2f}, achieved f={a:.2f} for class {pos}) is not "
-            "classified as the target" if st == "budget" else r
-            for r, st, w, a in zip(out.extras["reason"], out.status, wanted, got)]
-        return out
+        budget = [f"the series' end point for the target (desired f={w:.2f}, achieved f={a:.2f} for class {pos}) is "
+                  "not classified as the target" for w, a in zip(wanted, got)]
+        return Found(x_cf, budget, outputs={"desired": desired, "achieved": achieved, "bins": bins, "path": path,
+                                            "explanation": saliency(low, high)})
 
     @staticmethod
     def _series(explainer, x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:

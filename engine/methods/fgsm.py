@@ -9,9 +9,9 @@ import torch
 
 from engine.methods import losses
 from engine.methods.base import Method, register
-from engine.methods.search import active_gradient, begin, check_field, finish, rows_view, settle
+from engine.methods.search import Found, SearchState, active_gradient, check_field, rows_view, settle
 from engine.models.handles import ModelBundle
-from engine.types import CFBatch, QueryBatch
+from engine.types import QueryBatch
 
 NAME = "fgsm"
 
@@ -43,11 +43,8 @@ class FGSM(Method):
     Config = FGSMConfig
     requires = ("classifier",)
 
-    def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
-        self.check_models(models)
+    def _search(self, batch: QueryBatch, models: ModelBundle, state: SearchState) -> Found:
         cfg, handle = self.config, models.classifier
-        state = begin(NAME, batch, models)
-        lo, hi = (float(v) for v in handle.value_range)
         x_cf = state.x.clone()
         movable = state.movable()  # tabular schema: immutable columns take no step
 
@@ -62,9 +59,7 @@ class FGSM(Method):
             if step is None:
                 break
             sign = step.grad.sign() if movable is None else step.grad.sign() * movable
-            new = (step.p - cfg.epsilon * sign).clamp(lo, hi)
+            new = (step.p - cfg.epsilon * sign).clamp(*state.bounds)
             settle(x_cf, state, step, torch.where(rows_view(step.go, new), new, step.p), step.go,
                    torch.zeros_like(step.go))
-        return finish(state, x_cf, handle, criterion=lambda logits, t: torch.ones_like(t, dtype=torch.bool),
-                      budget_reason=f"not classified as the target after {cfg.steps} signed step(s) of "
-                                    f"epsilon={cfg.epsilon}")
+        return Found(x_cf, f"not classified as the target after {cfg.steps} signed step(s) of epsilon={cfg.epsilon}")

@@ -3,20 +3,19 @@ Networks"): alternate a masking step (Eq. 5) and a composition step (Eq. 7/8) un
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from engine.methods import losses
 from engine.methods.base import Method, register
-from engine.methods.search import (AdamState, SearchState, all_finite, begin, check_field, clamp_st, descend,
-                                   finish, per_query_normal, query_seed)
+from engine.methods.masking import mask_units
+from engine.methods.search import (AdamState, Found, SearchState, all_finite, check_field, clamp_st, descend,
+                                   per_query_normal, query_seed)
 from engine.models.handles import ClassifierHandle, ModelBundle
-from engine.types import CFBatch, QueryBatch
+from engine.types import QueryBatch
 
 NAME = "gradual_construction"
 LOSSES = ("logit_statistics", "target_probability")  # Eq. 7, Eq. 12
@@ -106,7 +105,7 @@ class GradualConstruction(Method):
     valid input. p_ct(X′) ≥ τ is checked after each composition step, as in Alg. 1; a query that meets
     it is frozen. A query already classified as c_t is returned unchanged with status "already"
     (its success still needs p_ct ≥ τ). n_iter counts composition iterations, n_features masking
-    steps; extras["mask"] is M [B, *input_shape] bool.
+    steps; mask is M [B, *input_shape] bool.
     """
 
     name = NAME
@@ -121,53 +120,32 @@ class GradualConstruction(Method):
         # The logit-table cache holds weak references to models; it is rebuilt on demand.
         return {**self.__dict__, "_stats": {}}
 
-    def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
-        self.check_models(models)
+    def _search(self, batch: QueryBatch, models: ModelBundle, state: SearchState) -> Found:
         cfg, handle = self.config, models.classifier
-        state = begin(NAME, batch, models)
         x, target = state.x, state.target
-        lo, hi = (float(v) for v in handle.value_range)
-        codec = state.codec  # tabular schema: a masking step selects a whole feature (one-hot group)
-        text = getattr(codec, "kind", None) == "text"  # word vectors [B, L, E]: a step selects a whole word
-        image = x.dim() >= 3 and not text
-        grid = _block_grid(x.shape[1:], cfg.block_size) if image else None
-        n_blocks = grid[0] * grid[1] if image else codec.n_features if codec is not None else x.shape[1]
-        n_movable = n_blocks if codec is None else int(codec.mutable.sum())
-        budget = n_movable if cfg.max_features is None else min(cfg.max_features, n_movable)
-        blocks = torch.zeros((len(x), n_blocks), dtype=torch.bool, device=x.device)
-        # [B, n_blocks] what a masking step may pick: immutable features never, padding never (text)
-        allowed = (codec.token_positions(x) if text else codec.mutable.expand(len(x), -1) if codec is not None
-                   else torch.ones_like(blocks))
+        units = mask_units(x, state.codec, cfg.block_size, cfg.tabular_saliency)  # blocks, features or words
+        budget = units.n_movable if cfg.max_features is None else min(cfg.max_features, units.n_movable)
+        blocks = torch.zeros((len(x), units.n), dtype=torch.bool, device=x.device)  # the units in M so far
+        allowed = units.allowed(x)  # [B, n]: immutable features never, padding never (text)
         n_features = torch.zeros(len(x), dtype=torch.int64, device=x.device)
-        if cfg.init == "original" or (cfg.init == "auto" and text):
+        if cfg.init == "original" or (cfg.init == "auto" and units.text):
             comp = x.clone()
-        else:
+        else:  # Alg. 1 l.2: C ~ N(0, 1)
             comp = per_query_normal(batch.seed, batch.query_id, tuple(x.shape[1:]), NAME).to(x.device)
 
         def compose(c: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             # Eq. 1 for a binary M, written with `where` so C never leaks into unmasked entries.
-            mask = (_expand(blocks[rows], x.shape[1:], cfg.block_size) if image
-                    else blocks[rows] if codec is None else codec.expand(blocks[rows]))
-            x_new = torch.where(mask, clamp_st(c, lo, hi), x[rows])
-            # Tabular schema: the classifier always sees the valid record; the gradient passes straight
-            # through the projection to the relaxed composite.
-            return x_new if codec is None else x_new + (state.project(x_new.detach(), rows) - x_new).detach()
+            x_new = torch.where(units.mask(blocks[rows]), clamp_st(c, *state.bounds), x[rows])
+            # With a schema the classifier always sees the valid record (or real words); the gradient passes
+            # straight through the projection to the relaxed composite.
+            return x_new if state.codec is None else x_new + (state.project(x_new.detach(), rows) - x_new).detach()
 
-        def saliency(x_at: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            if codec is None:
-                return _saliency(handle, x_at, target[rows], grid, cfg.block_size)
-            if text:  # Eq. 5 summed over a word's dimensions; padding is never masked
-                scores = codec.feature_sums(_saliency(handle, x_at, target[rows], None, cfg.block_size))
-                return scores.masked_fill(~allowed[rows], float("-inf"))
-            if cfg.tabular_saliency == "gradient":  # Eq. 5 as written, summed over a one-hot group
-                scores = _saliency(handle, x_at, target[rows], grid, cfg.block_size)
-                return codec.feature_sums(scores).masked_fill(~codec.mutable, float("-inf"))
-            grad = _saliency(handle, x_at, target[rows], grid, cfg.block_size, signed=True)
-            return codec.feasible_gain(grad, x_at, x[rows])  # -inf for immutable features
+        def saliency(x_at: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # Eq. 5 per unit
+            return units.saliency(handle, x_at, x[rows], target[rows], allowed[rows])
 
         if bool(state.active.any()):
             statistics = cfg.loss == "logit_statistics"
-            every_iteration = cfg.tau_test == "iteration" or (cfg.tau_test == "auto" and text)
+            every_iteration = cfg.tau_test == "iteration" or (cfg.tau_test == "auto" and units.text)
             mu = self._mean_logits(handle, models, batch.seed)[target] if statistics else None  # [B, K]
             if statistics:
                 _require_reference(mu, state, handle)
@@ -178,8 +156,8 @@ class GradualConstruction(Method):
                 fit = (losses.logit_matching(logits, mu[rows]) if statistics  # Eq. 7
                        else -torch.softmax(logits, -1).gather(1, target[rows, None]).squeeze(1))  # Eq. 12
                 loss = fit + cfg.lam * losses.l2_distance(x_new, x[rows])
-                if image and cfg.eta > 0:
-                    loss = loss + cfg.eta * losses.total_variation(x_new, cfg.beta)
+                if units.image and cfg.eta > 0:
+                    loss = loss + cfg.eta * losses.total_variation(x_new, cfg.beta)  # Eq. 8
                 if every_iteration:  # the first composite whose judged input reaches τ is kept
                     p_t = torch.softmax(logits.detach(), -1).gather(1, target[rows, None]).squeeze(1)
                     return loss, p_t >= cfg.tau
@@ -206,7 +184,7 @@ class GradualConstruction(Method):
                 n_features[rows] += 1
                 # Composition step (Alg. 1 l.6-7): a fresh Adam on C for σ iterations.
                 adam.reset(state.active)
-                comp = descend(comp, objective, state, adam, steps=cfg.sigma, lr=cfg.lr, bounds=(lo, hi))
+                comp = descend(comp, objective, state, adam, steps=cfg.sigma, lr=cfg.lr, bounds=state.bounds)
                 # Stopping test (Alg. 1 l.3) on the queries still running.
                 rows = state.active.nonzero().squeeze(1)
                 if rows.numel():
@@ -217,18 +195,15 @@ class GradualConstruction(Method):
                     state.freeze(rows, ~finite, nan=True)
                     state.freeze(rows, finite & (p_t >= cfg.tau), done=True)
 
-        everything = torch.arange(len(x), device=x.device)
         with torch.no_grad():
-            x_cf = compose(comp, everything).detach()
-            mask = (_expand(blocks, x.shape[1:], cfg.block_size).contiguous() if image
-                    else blocks.clone() if codec is None else codec.expand(blocks))
+            x_cf = compose(comp, torch.arange(len(x), device=x.device)).detach()
+            mask = units.mask(blocks).clone(memory_format=torch.contiguous_format)
         tau = cfg.tau
-        return finish(
-            state, x_cf, handle, n_features=n_features, extras={"mask": mask},
+        return Found(
+            x_cf, f"p_target < tau={tau} after masking {'every word, at most ' if units.text else ''}{budget} "
+                  f"{units.noun} with sigma={cfg.sigma} iterations each",
             criterion=lambda logits, t: torch.softmax(logits, -1).gather(1, t[:, None]).squeeze(1) >= tau,
-            budget_reason=f"p_target < tau={tau} after masking {'every word, at most ' if text else ''}{budget} "
-                          f"{'blocks' if image else 'words' if text else 'features'} "
-                          f"with sigma={cfg.sigma} iterations each")
+            outputs={"n_features": n_features, "mask": mask})
 
     def _rank(self, state: SearchState, saliency) -> torch.Tensor:
         """[B, n_blocks] block (feature) indices by decreasing saliency at the original X (Alg. 1 l.4)."""
@@ -275,16 +250,16 @@ class GradualConstruction(Method):
         return tables[seed]
 
 
-def reference_logits(handle: ClassifierHandle, blocks, device: torch.device) -> torch.Tensor:
-    """[N, K] float32 logits of the reference samples, `blocks` of [n, *input_shape] in order, 512 rows a pass."""
+def reference_logits(handle: ClassifierHandle, blocks, device: torch.device, rows: int = 512) -> torch.Tensor:
+    """[N, K] float32 logits of the reference samples, `blocks` of [n, *input_shape] in order, `rows` a pass."""
     out = []
     with torch.no_grad():
         for x in blocks:
             if tuple(x.shape[1:]) != tuple(handle.input_shape):
                 raise ValueError(f"{NAME}: reference samples have shape {list(x.shape[1:])}, expected "
                                  f"{list(handle.input_shape)} for model {handle.model_id!r}")
-            out += [handle.logits(x[i:i + 512].to(device=device, dtype=torch.float32)).float()
-                    for i in range(0, len(x), 512)]
+            out += [handle.logits(x[i:i + rows].to(device=device, dtype=torch.float32)).float()
+                    for i in range(0, len(x), rows)]
     return torch.cat(out) if out else torch.zeros(0, handle.num_classes, device=device)
 
 
@@ -294,34 +269,3 @@ def _require_reference(mu: torch.Tensor, state: SearchState, handle: ClassifierH
         names = [handle.class_names[k] for k in missing]
         raise ValueError(f"{NAME}: no reference sample is predicted as target class(es) {missing} {names} by model "
                          f"{handle.model_id!r}; Eq. 7 needs training samples classified as the target")
-
-
-def _block_grid(shape: torch.Size, block: int) -> tuple[int, int]:
-    return math.ceil(shape[-2] / block), math.ceil(shape[-1] / block)
-
-
-def _saliency(handle: ClassifierHandle, x: torch.Tensor, target: torch.Tensor,
-              grid: Optional[tuple[int, int]], block: int, signed: bool = False) -> torch.Tensor:
-    """Eq. 5 scores [n, n_blocks]: |∇_X log softmax_ct(X)| summed over each block's pixels and channels."""
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        log_p = torch.log_softmax(handle.logits(xg).float(), -1).gather(1, target[:, None]).sum()
-        (grad,) = torch.autograd.grad(log_p, xg)
-    if signed:
-        return grad
-    sal = grad.abs()
-    if grid is None:
-        return sal
-    h, w = x.shape[-2:]
-    sal = sal.reshape(len(x), -1, h, w).sum(1)
-    sal = F.pad(sal, (0, grid[1] * block - w, 0, grid[0] * block - h))
-    return sal.view(len(x), grid[0], block, grid[1], block).sum((2, 4)).flatten(1)
-
-
-def _expand(blocks: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
-    """[n, hb·wb] bool block mask -> [n, *shape] bool pixel mask (cropped at the borders)."""
-    h, w = shape[-2:]
-    hb, wb = _block_grid(shape, block)
-    m = blocks.view(-1, hb, wb).repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :h, :w]
-    lead = tuple(shape[:-2])
-    return m.view(-1, *([1] * len(lead)), h, w).expand(-1, *lead, h, w)

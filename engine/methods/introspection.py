@@ -12,10 +12,10 @@ import torch
 from engine.methods import losses
 from engine.methods.base import Method, register
 from engine.methods.bisection import LambdaBisection
-from engine.methods.latent_search import with_residual
-from engine.methods.search import AdamState, all_finite, begin, check_field, clamp_st, descend, finish
+from engine.methods.latent_search import encode, with_residual
+from engine.methods.search import AdamState, Found, SearchState, all_finite, check_field, clamp_st, descend
 from engine.models.handles import GeneratorHandle, ModelBundle
-from engine.types import CFBatch, QueryBatch
+from engine.types import QueryBatch
 
 NAME = "introspection"
 MODES = ("auto", "attribute", "latent")
@@ -36,7 +36,7 @@ class IntrospectionConfig:
     prototype_gain: float = 1.0     # a prototype must raise z_c − max_{k≠c} z_k by this many nats (forbids A′ = A)
     frozen_attributes: tuple[str, ...] = ()  # attributes A′ keeps at A, e.g. young/old in §4.2
     attribute_range: tuple[float, float] = (0.0, 1.0)  # A′ is projected onto this box (the editor's training range)
-    top_k: int = 5                  # extras["top_attributes"]: the k most changed attributes (Fig. 6, 8: top five)
+    top_k: int = 5                  # top_attributes: the k most changed attributes (Fig. 6, 8: top five)
     residual: bool = False          # I′ = I + G(edit) − G(encode(I)): CDeepEx Eq. 2's residual (not in GCI)
 
     def __post_init__(self) -> None:
@@ -60,6 +60,113 @@ class IntrospectionConfig:
         object.__setattr__(self, "frozen_attributes", tuple(names))
         object.__setattr__(self, "attribute_range", (float(rng[0]), float(rng[1])))
 
+
+# ---- Eq. 1-2 as pure functions ----------------------------------------------------------------------------
+
+def reached(logits: torch.Tensor, target: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """Eq. 1's constraint C(I(A′)) = c′ per query [n]: argmax is the target with a logit gap ≥ need (−inf for a
+    criticism; a prototype's gain, §3.1), on finite logits."""
+    return all_finite(logits) & (logits.argmax(1) == target) & (losses.target_gap(logits, target) >= need)
+
+
+def edit_loss(logits: torch.Tensor, x_edit: torch.Tensor, x: torch.Tensor, target: torch.Tensor, lam: torch.Tensor,
+              need: torch.Tensor, prototype: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 per query: λ·loss_{C,c′}(I(A′)) + ‖I − I(A′)‖₁, and the L1 term alone; [n] each.
+
+    loss_{C,c′} is the CE to c′ for a criticism and, for a prototype (§3.1's confidence-maximising loss),
+    the hinge max(0, need − g(I(A′))) on the logit gap g.
+    """
+    dist = losses.l1_distance(x_edit, x)
+    push = torch.where(prototype, (need - losses.target_gap(logits, target)).clamp_min(0.0),
+                       losses.cross_entropy_to_target(logits, target))
+    return lam * push + dist, dist
+
+
+# ---- the procedure's state -------------------------------------------------------------------------------
+
+@dataclass
+class Editor:
+    """I(·): the query's edit through the generator (§3.1), for the batch rows `rows` of a parameter p [n, P].
+
+    Attribute mode: p = A′, I(A′) = G(z0, A′) with frozen attributes kept at A. Latent mode: p = L′,
+    I(L′) = G(L′) (G(L′, A) for an attribute generator). With a residual g0 = G(encode(I)): I + G(·) − g0.
+    Clamped into the classifier's value range (straight-through).
+    """
+
+    generator: GeneratorHandle
+    x: torch.Tensor                   # [B, *input_shape] the queries I
+    z0: torch.Tensor                  # [B, L]
+    a0: torch.Tensor                  # [B, A] (A = 0 for an unconditional generator)
+    attribute_mode: bool
+    frozen: Optional[torch.Tensor]    # [A] bool, attribute mode only
+    g0: Optional[torch.Tensor]        # [B, *input_shape] with a residual, else None
+    bounds: tuple[float, float]
+
+    def __call__(self, p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        gen = self.generator
+        if self.attribute_mode:
+            out = gen.decode(self.z0[rows], torch.where(self.frozen, self.a0[rows], p))
+        else:
+            out = gen.decode(p, self.a0[rows] if gen.attribute_names else None)
+        out = out.float() if self.g0 is None else with_residual(self.x[rows], out.float(), self.g0[rows])
+        return clamp_st(out, *self.bounds)
+
+
+@dataclass
+class Best:
+    """Per query, the valid iterate of smallest L1 over all rounds (Eq. 1's minimal change) and its λ."""
+
+    param: torch.Tensor  # [B, P]
+    l1: torch.Tensor     # [B], +inf: none valid yet
+    lam: torch.Tensor    # [B], NaN: none valid yet
+
+    @classmethod
+    def none(cls, start: torch.Tensor) -> "Best":
+        n, device = len(start), start.device
+        return cls(start.clone(), torch.full((n,), float("inf"), device=device),
+                   torch.full((n,), float("nan"), device=device))
+
+    def record(self, rows: torch.Tensor, p: torch.Tensor, dist: torch.Tensor, ok: torch.Tensor,
+               lam: torch.Tensor) -> None:
+        """Keep the iterates p [n, P] of the rows `rows` that are valid (`ok`) and closer than the best so far."""
+        better = ok & (dist < self.l1[rows])
+        hit = rows[better]
+        self.param[hit] = p[better]
+        self.l1[hit] = dist[better]
+        self.lam[hit] = lam[hit]
+
+
+@dataclass
+class Round:
+    """One round of Eq. 2 at a fixed λ [B]: which queries reached c′, and the abort test on a stalled loss.
+
+    C&W's abort: every `every` evaluations a query's loss must have fallen by ABORT_RTOL since the last check.
+    """
+
+    lam: torch.Tensor         # [B] float32
+    valid: torch.Tensor       # [B] bool: some iterate of this round reached c′
+    seen: torch.Tensor        # [B] int64 evaluations in this round
+    checkpoint: torch.Tensor  # [B] loss at the last check
+    every: int
+
+    @classmethod
+    def start(cls, lam: torch.Tensor, steps: int) -> "Round":
+        n, device = len(lam), lam.device
+        return cls(lam.float(), torch.zeros(n, dtype=torch.bool, device=device),
+                   torch.zeros(n, dtype=torch.int64, device=device), torch.full((n,), float("inf"), device=device),
+                   max(1, steps // 10))
+
+    def stalled(self, rows: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """[n] bool: the rows whose loss stalled since the last check; counts this evaluation."""
+        k = self.seen[rows]
+        check = (k > 0) & (k % self.every == 0)
+        stalled = check & ~(loss < self.checkpoint[rows] * (1.0 - ABORT_RTOL))
+        self.checkpoint[rows] = torch.where(check | (k == 0), loss, self.checkpoint[rows])
+        self.seen[rows] += 1
+        return stalled
+
+
+# ---- the method ------------------------------------------------------------------------------------------
 
 @register
 class Introspection(Method):
@@ -89,11 +196,10 @@ class Introspection(Method):
     settle between 1e-3 and 10); 8 rounds (C&W's binary search uses 9) bracket λ within a factor 10 and then halve
     log λ, e.g. to within 15% after 4 bisections; 100 Adam steps at lr 0.05 cross A′ ∈ [0, 1] five times.
 
-    Output: x_cf = I(A′*); a0/a_cf (attribute mode) or z0/z_cf (latent mode); extras: "attribute_delta"
-    [B, A] (A′* − A, or L′* − L₀ in latent mode) with its column names "attribute_names" (latent
-    coordinates are "z<i>", the paper's "latent representations as our attributes"), "top_attributes"
-    (per query, the top_k names by |Δ|, changed entries only), "lambda" [B] (λ of the round that gave
-    x_cf; NaN if no search ran), "prototype" [B] bool.
+    Output: x_cf = I(A′*); a0/a_cf (attribute mode) or z0/z_cf (latent mode); attribute_delta [B, A]
+    (A′* − A, or L′* − L₀ in latent mode) with its attribute_names (latent coordinates are "z<i>", the
+    paper's "latent representations as our attributes"), top_attributes (per query, the top_k names by |Δ|,
+    changed entries only), lam [B] (λ of the round that gave x_cf; NaN if no search ran), prototype [B] bool.
     """
 
     name = NAME
@@ -101,105 +207,73 @@ class Introspection(Method):
     requires = ("classifier", "generator", "encoder")
     uses_attributes = True  # the runtime keeps a z ⊕ a generator's attributes apart (attribute mode)
 
-    def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
-        self.check_models(models)
+    def check_models(self, models: ModelBundle) -> None:
+        super().check_models(models)
+        self._resolve(models.generator)  # the config errors that need the generator, before the batch's
+
+    def _search(self, batch: QueryBatch, models: ModelBundle, state: SearchState) -> Found:
         cfg, handle, gen = self.config, models.classifier, models.generator
         attribute_mode, frozen = self._resolve(gen)
-        state = begin(NAME, batch, models)
         x, target = state.x, state.target
         n, device = len(x), x.device
-        lo_x, hi_x = (float(v) for v in handle.value_range)
 
-        # Prototypes: the target is the prediction (begin() marked these "already").
+        # Criticisms (c′ ≠ c) and prototypes (c′ = c, §3.1; begin() marked these "already").
         proto = state.already & cfg.prototypes
         state.already &= ~proto
         state.active |= proto
 
-        z0, a0 = self._encode(gen, x)
+        # The editor I(·) and the search's start, A (or L₀).
+        z0, a0 = encode(NAME, gen, x)
         state.freeze(torch.arange(n, device=device), state.active & ~(all_finite(z0) & all_finite(a0)), nan=True)
         started = state.active.clone()
-        if attribute_mode:
-            frozen = frozen.to(device)
-            start = a0.clamp(*cfg.attribute_range)
-            bounds: Optional[tuple[float, float]] = cfg.attribute_range
-        else:
-            start, bounds = z0.clone(), None
-
         g0 = None
         if cfg.residual:  # G at the query's own code: I(A′) = I + G(z, A′) − G(z, A), I at A′ = A
             with torch.no_grad():
                 g0 = gen.decode(z0, a0 if gen.attribute_names else None).float()
+        edit = Editor(gen, x, z0, a0, attribute_mode, frozen.to(device) if attribute_mode else None, g0, state.bounds)
+        if attribute_mode:
+            start, bounds = a0.clamp(*cfg.attribute_range), cfg.attribute_range
+        else:
+            start, bounds = z0.clone(), None
 
-        def render(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            if attribute_mode:
-                out = gen.decode(z0[rows], torch.where(frozen, a0[rows], p))
-            else:
-                out = gen.decode(p, a0[rows] if gen.attribute_names else None)
-            out = out.float() if g0 is None else with_residual(x[rows], out.float(), g0[rows])
-            return clamp_st(out, lo_x, hi_x)
-
-        # Prototype goal: the gain over the query and over the trivial edit A′ = A; criticisms need no gap.
+        # A prototype's goal: the gain over the query and over the trivial edit A′ = A; criticisms need no gap.
         need = torch.full((n,), float("-inf"), device=device)
         if bool((proto & started).any()):
             rows = (proto & started).nonzero().squeeze(1)
             with torch.no_grad():
-                g_rec = losses.target_gap(handle.logits(render(start[rows], rows)).float(), target[rows])
+                g_rec = losses.target_gap(handle.logits(edit(start[rows], rows)).float(), target[rows])
             g_x = losses.target_gap(state.logits_orig[rows], target[rows])
             need[rows] = torch.maximum(g_x, g_rec) + cfg.prototype_gain
 
-        def valid(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            t = target[rows]
-            return all_finite(logits) & (logits.argmax(1) == t) & (losses.target_gap(logits, t) >= need[rows])
-
         bis = LambdaBisection.start(n, cfg.lam_init, factor=cfg.lam_factor, lam_min=cfg.lam_min,
                                     lam_max=cfg.lam_max, device=device)
-        lam = bis.lam.float()
-        best = start.clone()                                    # best valid parameter so far
-        best_l1 = torch.full((n,), float("inf"), device=device)
-        best_lam = torch.full((n,), float("nan"), device=device)
-        last = start.clone()                                    # last iterate of the last round run
-        last_lam = torch.full((n,), float("nan"), device=device)
-        round_valid = torch.zeros(n, dtype=torch.bool, device=device)
-        seen = torch.zeros(n, dtype=torch.int64, device=device)         # evaluations in this round
-        checkpoint = torch.full((n,), float("inf"), device=device)     # loss at the last abort check
-        every = max(1, cfg.steps // 10)
+        best = Best.none(start)
+        last, last_lam = start.clone(), torch.full((n,), float("nan"), device=device)  # the last round run
+        now = Round.start(bis.lam, cfg.steps)
 
         def evaluate(p: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Eq. 2 per row; records valid iterates (smallest L1 wins). Returns (loss, logits)."""
-            x_new = render(p, rows)
-            logits = handle.logits(x_new).float()
-            t = target[rows]
-            dist = losses.l1_distance(x_new, x[rows])
-            push = torch.where(proto[rows], (need[rows] - losses.target_gap(logits, t)).clamp_min(0.0),
-                               losses.cross_entropy_to_target(logits, t))
+            """Eq. 2 on the rows; records the valid iterates. Returns (loss [n], logits [n, K])."""
+            x_edit = edit(p, rows)
+            logits = handle.logits(x_edit).float()
+            loss, dist = edit_loss(logits, x_edit, x[rows], target[rows], now.lam[rows], need[rows], proto[rows])
             with torch.no_grad():
-                ok = valid(logits.detach(), rows) & torch.isfinite(dist)
-                round_valid[rows] |= ok
-                better = ok & (dist.detach() < best_l1[rows])
-                hit = rows[better]
-                best[hit] = p.detach()[better]
-                best_l1[hit] = dist.detach()[better]
-                best_lam[hit] = lam[hit]
-            return lam[rows] * push + dist, logits
+                ok = reached(logits.detach(), target[rows], need[rows]) & torch.isfinite(dist)
+                now.valid[rows] |= ok
+                best.record(rows, p.detach(), dist.detach(), ok, now.lam)
+            return loss, logits
 
         def objective(p: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             loss, _ = evaluate(p, rows)
-            value, k = loss.detach(), seen[rows]
-            check = (k > 0) & (k % every == 0)
-            stalled = check & ~(value < checkpoint[rows] * (1.0 - ABORT_RTOL))
-            checkpoint[rows] = torch.where(check | (k == 0), value, checkpoint[rows])
-            seen[rows] += 1
-            return loss, stalled
+            return loss, now.stalled(rows, loss.detach())
 
+        # §3.2: solve Eq. 2 at each query's λ, then move λ by bisection; repeat.
         searching = started.clone()
         for _ in range(cfg.n_rounds):
             searching &= ~state.nan & ~bis.settled
             if not bool(searching.any()):
                 break
             state.active = searching.clone()
-            lam = bis.lam.float()
-            round_valid.zero_()
-            seen.zero_()
+            now = Round.start(bis.lam, cfg.steps)
             param = descend(start, objective, state, AdamState.zeros_like(start), steps=cfg.steps, lr=cfg.lr,
                             bounds=bounds)
             # descend evaluates each iterate before stepping it, so the final one is scored here.
@@ -209,40 +283,33 @@ class Introspection(Method):
                     _, logits = evaluate(param[rows], rows)
                 state.freeze(rows, ~all_finite(logits), nan=True)
             last[searching] = param[searching]
-            last_lam[searching] = lam[searching]
-            bis.update(searching & ~state.nan, round_valid)
+            last_lam[searching] = now.lam[searching]
+            bis.update(searching & ~state.nan, now.valid)
         state.active.zero_()
 
-        found = torch.isfinite(best_l1)
-        final = torch.where(found.view(-1, 1), best, last)
-        everything = torch.arange(n, device=device)
+        # The answer: the smallest valid edit, else the last iterate (largest λ tried).
+        found = torch.isfinite(best.l1)
+        final = torch.where(found.view(-1, 1), best.param, last)
         with torch.no_grad():
-            x_cf = render(final, everything) if n else x.clone()
+            x_cf = edit(final, torch.arange(n, device=device)) if n else x.clone()
         bad = started & ~all_finite(x_cf)
         state.nan |= bad
         keep = started & ~bad
         x_cf = torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x_cf, x).detach()
         base = a0 if attribute_mode else z0
         if attribute_mode:
-            final = torch.where(frozen, a0, final)
+            final = torch.where(edit.frozen, a0, final)
         final = torch.where(keep.view(-1, 1), final, base).detach()
         delta = torch.where(keep.view(-1, 1), final - base, torch.zeros_like(final))
         names = list(gen.attribute_names) if attribute_mode else [f"z{i}" for i in range(final.shape[1])]
-        chosen = torch.where(found, best_lam, last_lam)
-
-        out = finish(state, x_cf, handle,
-                     criterion=lambda logits, t: losses.target_gap(logits, t) >= need,
-                     budget_reason=f"no edit reached the target (a prototype: a logit-gap gain of "
-                                   f"{cfg.prototype_gain:g}) in {cfg.n_rounds} rounds of {cfg.steps} Adam steps "
-                                   f"with lambda <= {cfg.lam_max:g}",
-                     extras={"attribute_delta": delta, "attribute_names": names,
-                             "top_attributes": top_changed(delta, names, cfg.top_k), "lambda": chosen,
-                             "prototype": proto.clone()})
-        if attribute_mode:
-            out.a0, out.a_cf = a0, final
-        else:
-            out.z0, out.z_cf = z0, final
-        return out
+        latents = {"a0": a0, "a_cf": final} if attribute_mode else {"z0": z0, "z_cf": final}
+        return Found(
+            x_cf, f"no edit reached the target (a prototype: a logit-gap gain of {cfg.prototype_gain:g}) in "
+                  f"{cfg.n_rounds} rounds of {cfg.steps} Adam steps with lambda <= {cfg.lam_max:g}",
+            criterion=lambda logits, t: losses.target_gap(logits, t) >= need,
+            outputs={"attribute_delta": delta, "attribute_names": names, "prototype": proto.clone(),
+                     "top_attributes": top_changed(delta, names, cfg.top_k),
+                     "lam": torch.where(found, best.lam, last_lam), **latents})
 
     def _resolve(self, gen: GeneratorHandle) -> tuple[bool, Optional[torch.Tensor]]:
         """(attribute mode?, frozen mask [A] bool); config errors that need the generator."""
@@ -261,21 +328,6 @@ class Introspection(Method):
         if not attribute_mode:
             return False, None
         return True, torch.tensor([a in cfg.frozen_attributes for a in names], dtype=torch.bool)
-
-    @staticmethod
-    def _encode(gen: GeneratorHandle, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z [B, L], A [B, n_attr]) float32; A is [B, 0] for an unconditional generator."""
-        with torch.no_grad():
-            z, a = gen.encode(x)
-        z = z.float().flatten(1)
-        names = list(gen.attribute_names)
-        if not names:
-            return z, torch.zeros((len(x), 0), device=x.device)
-        if a is None or a.dim() != 2 or a.shape[1] != len(names):
-            got = None if a is None else list(a.shape)
-            raise ValueError(f"{NAME}: generator {gen.model_id!r} has {len(names)} attributes {names} but its "
-                             f"encoder returned attributes of shape {got}")
-        return z, a.float()
 
 
 def top_changed(delta: torch.Tensor, names: list[str], k: int) -> list[list[str]]:

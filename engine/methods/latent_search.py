@@ -1,34 +1,51 @@
-"""Shared batched machinery of the latent-space searches (CDeepEx, xGEM).
+"""Shared pieces of the searches through a generator G.
 
-Both methods represent each query by a latent z0 of the generator G (CDeepEx Alg. 2), move z, and map it
-back to input space as I_{z,z0} = G(z) + Δ with the residual Δ = x − G(z0) (CDeepEx Eq. 2; the printed
-Alg. 2 l.5 has the sign flipped, which would not give back x at z = z0). It is computed as
-x + (G(z) − G(z0)), so z = z0 returns x exactly, and clamped into the classifier's value range
-(straight-through in the gradient, like the input-space searches).
-
-The per-query bookkeeping (masks, n_iter, NaN isolation, masked Adam) is `engine.methods.search`'s:
-`descend` runs on z [B, latent_dim] exactly as it runs on inputs there.
+CDeepEx and xGEM represent each query by a latent z0 of G (CDeepEx Alg. 2, `find_z0`), move z with
+`engine.methods.search.descend` (which runs on z [B, latent_dim] exactly as on inputs) and map it back to input
+space as I_{z,z0} = G(z) + Δ with the residual Δ = x − G(z0) (CDeepEx Eq. 2; the printed Alg. 2 l.5 has the
+sign flipped, which would not give back x at z = z0), clamped into the classifier's value range
+(straight-through in the gradient, like the input-space searches); `LatentFound` finishes them.
+AIP and introspection share `encode` (G_enc with its checks) and, for their optional `residual`,
+`with_residual`.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from engine.methods.search import (AdamState, SearchState, all_finite, clamp_st, descend, per_query_normal,
-                                   rows_view)
+                                   reasons, rows_view, statuses)
 from engine.models.handles import ClassifierHandle, GeneratorHandle
-from engine.types import STATUS_ALREADY, STATUS_BUDGET, STATUS_NAN, STATUS_OK, CFBatch, QueryBatch
+from engine.types import CFBatch, QueryBatch
 
+# Salt of the GAN inversion's N(0, 1) start: CDeepEx and xGEM share it, so both start from the same draw.
 Z0_SALT = "latent_search.z0"
 
 
 def with_residual(x: torch.Tensor, g: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
     """x + (G(z) − G(z0)) = G(z) + Δ with Δ = x − G(z0) (CDeepEx Eq. 2): gives back x exactly at z = z0."""
-    return x + (g - g0)  # shared by CDeepEx and xGEM: both start a GAN inversion from the same draw
+    return x + (g - g0)
+
+
+def encode(method: str, generator: GeneratorHandle, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """G_enc(x) = (z0 [B, k], a0 [B, A]) float32, a0 [B, 0] for a generator without attributes (AIP Alg. 1 l.3).
+
+    An attribute-informed generator must encode a0 of shape [B, len(attribute_names)]; otherwise a ValueError.
+    """
+    with torch.no_grad():
+        z0, a0 = generator.encode(x)
+    names = list(generator.attribute_names)
+    if not names:
+        return z0.float().flatten(1), torch.zeros((len(x), 0), device=x.device)
+    if a0 is None or a0.dim() != 2 or a0.shape[1] != len(names):
+        got = None if a0 is None else list(a0.shape)
+        raise ValueError(f"{method}: expected generator {generator.model_id!r} to encode attributes of shape "
+                         f"[B, {len(names)}] ({names}), got {got}")
+    return z0.float().flatten(1), a0.float()
 
 
 @dataclass
@@ -75,9 +92,8 @@ def find_z0(method: str, batch: QueryBatch, state: SearchState, generator: Gener
     a0 = None
     with torch.no_grad():
         if generator.has_encoder:
-            z0, a0 = generator.encode(x) if len(x) else (torch.zeros((0, k), device=device), None)
-            z0 = z0.float().flatten(1)
-            a0 = None if a0 is None or not generator.attribute_names else a0.float()
+            z0, a0 = encode(method, generator, x) if len(x) else (torch.zeros((0, k), device=device), None)
+            a0 = a0 if generator.attribute_names else None
         elif generator.attribute_names:
             raise ValueError(f"{method}: generator {generator.model_id!r} is attribute-informed but has no encoder; "
                              "its attributes a0 cannot be inferred")
@@ -86,7 +102,7 @@ def find_z0(method: str, batch: QueryBatch, state: SearchState, generator: Gener
     if z0.shape[1] != k:
         raise ValueError(f"{method}: generator {generator.model_id!r} encodes to {z0.shape[1]} latent dims, "
                          f"its latent_dim says {k}")
-    latent = Latent(generator, x, z0, x, a0, tuple(float(v) for v in handle.value_range))
+    latent = Latent(generator, x, z0, x, a0, state.bounds)
     if not generator.has_encoder and steps > 0:
         latent.z0 = _invert(latent, state, handle, steps=steps, lr=lr, kappa=kappa)
     everything = torch.arange(len(x), device=device)
@@ -131,17 +147,39 @@ def _invert(latent: Latent, state: SearchState, handle: ClassifierHandle, *, ste
     return z0
 
 
-def finish_latent(state: SearchState, latent: Latent, z: torch.Tensor, handle: ClassifierHandle, *,
-                  success: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]],
-                  budget_reason: str) -> CFBatch:
+# success(logits_cf [B, K], target [B]) -> ([B] bool, {CFBatch field: [B] diagnostics}).
+Success = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def argmax_reached(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Success as "argmax D(x_cf) = target", with no diagnostics."""
+    return logits.argmax(1) == target, {}
+
+
+@dataclass
+class LatentFound:
+    """What a latent search hands to `finish_latent`: the final latents z [B, k] and how to judge them.
+
+    success is the method's whole validity criterion (CDeepEx's does not ask for argmax = target) and its
+    per-query diagnostics, typed CFBatch fields by name.
+    """
+
+    latent: Latent
+    z: torch.Tensor
+    budget_reason: str
+    success: Success = argmax_reached
+
+    def finish(self, state: SearchState, handle: ClassifierHandle) -> CFBatch:
+        return finish_latent(state, self, handle)
+
+
+def finish_latent(state: SearchState, found: LatentFound, handle: ClassifierHandle) -> CFBatch:
     """Decode the final latents and assemble the CFBatch (the latent twin of `search.finish`).
 
-    success(logits_cf [B, K], target [B]) -> ([B] bool, extras) is the method's whole validity criterion
-    (CDeepEx's does not ask for argmax = target) and its per-query diagnostics for CFBatch.extras. Rows
-    that never moved (already, nan at the start) get x_cf = x exactly. explanation = G(z0) − G(z_cf)
-    (CDeepEx Alg. 1 l.4); z0, z_cf and extras["residual"] = Δ. status: "nan" > "already" > "ok" > "budget".
+    Rows that never moved (already, nan at the start) get x_cf = x exactly. explanation = G(z0) − G(z_cf)
+    (CDeepEx Alg. 1 l.4); z0, z_cf and residual = Δ. status: "nan" > "already" > "ok" > "budget".
     """
-    x = state.x
+    x, latent, z = state.x, found.latent, found.z
     everything = torch.arange(len(x), device=x.device)
     moved = ~torch.eq(z, latent.z0).all(1) & all_finite(z) & all_finite(latent.z0)
     with torch.no_grad():
@@ -149,15 +187,11 @@ def finish_latent(state: SearchState, latent: Latent, z: torch.Tensor, handle: C
         x_cf = torch.where(rows_view(moved, x), latent.counterfactual(z, everything) if len(x) else x, x)
         logits = handle.logits(x_cf).float() if len(x) else state.logits_orig.clone()
     nan = state.nan | ~all_finite(logits) | ~all_finite(x_cf)
-    criterion, extras = success(logits, state.target)
+    criterion, diagnostics = found.success(logits, state.target)
     ok = ~nan & criterion
-    status = [STATUS_NAN if n else STATUS_ALREADY if a else STATUS_OK if s else STATUS_BUDGET
-              for n, a, s in zip(nan.tolist(), state.already.tolist(), ok.tolist())]
-    reasons = {STATUS_OK: "", STATUS_BUDGET: budget_reason,
-               STATUS_ALREADY: "the query is already classified as the target",
-               STATUS_NAN: "the search produced non-finite values; the query was frozen at its last finite state"}
+    status = statuses(nan, state.already, ok)
     return CFBatch(
         x_cf=x_cf, success=ok, p_orig=state.p_orig, p_cf=torch.softmax(logits, dim=-1), target=state.target,
-        n_iter=state.n_iter, status=status, z0=latent.z0, z_cf=z.detach().clone(),
-        explanation=torch.where(rows_view(moved, x), latent.g0 - g, torch.zeros_like(x)),
-        extras={"reason": [reasons[s] for s in status], "residual": latent.residual, **extras})
+        n_iter=state.n_iter, status=status, reason=reasons(status, found.budget_reason), z0=latent.z0,
+        z_cf=z.detach().clone(), explanation=torch.where(rows_view(moved, x), latent.g0 - g, torch.zeros_like(x)),
+        residual=latent.residual, **diagnostics)

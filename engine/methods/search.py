@@ -1,4 +1,5 @@
-"""Shared batched machinery of the input-space searches (gradual construction, Wachter).
+"""Shared batched machinery of the searches: `begin` and `finish`, the first and last steps of every method's
+`explain` (the template in engine.methods.base), and the masked optimisation loop (`descend`).
 
 Per-query state is a set of tensors with a leading query dim B (`SearchState`). A query leaves the
 optimisation by clearing its bit in `SearchState.active`; from then on no step reads or writes its
@@ -11,15 +12,15 @@ get alone: the classifier must treat rows independently (eval mode, no batch sta
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Union
 
 import torch
 
 from engine.data.schema import SchemaCodec
 from engine.models.handles import ClassifierHandle, ModelBundle
+from engine.seeding import per_query_normal, query_seed  # noqa: F401  (re-exported: the methods import them from here)
 from engine.types import STATUS_ALREADY, STATUS_BUDGET, STATUS_NAN, STATUS_OK, CFBatch, QueryBatch
 
 ADAM_BETAS = (0.9, 0.999)  # Kingma & Ba defaults, as used by both papers' Adam
@@ -28,22 +29,8 @@ ADAM_EPS = 1e-8
 # objective(param_rows [n, ...], rows [n] int64 indices into the batch) -> (loss [n], stop [n] bool).
 # `stop` is evaluated at the given param, before the update: a stopped row is frozen as it is.
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def query_seed(seed: int, query_id: int, salt: str = "") -> int:
-    """A 63-bit seed derived from (batch seed, query id, salt), stable across runs and platforms."""
-    digest = hashlib.blake2b(f"{int(seed)}:{int(query_id)}:{salt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def per_query_normal(seed: int, query_id: torch.Tensor, shape: tuple[int, ...], salt: str) -> torch.Tensor:
-    """N(0, 1) draws [B, *shape] on the CPU, row b seeded from (seed, query_id[b], salt).
-
-    The loop over queries runs once at initialisation, so a batch of N draws what N single calls draw.
-    """
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(query_seed(seed, q, salt)))
-            for q in query_id.tolist()]
-    return torch.stack(rows) if rows else torch.empty((0, *shape))
+# criterion(logits_cf [B, K], target [B]) -> [B] bool: what a method asks of x_cf beyond argmax = target.
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def clamp_st(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -126,6 +113,7 @@ class SearchState:
     already: torch.Tensor    # classified as the target before any change
     n_iter: torch.Tensor     # int64 optimiser steps taken
     codec: Optional[SchemaCodec] = None  # tabular schema: project onto valid records (engine.data.schema)
+    bounds: tuple[float, float] = (0.0, 1.0)  # the classifier's value_range (lo, hi) as floats
 
     def project(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [n, D] (the rows `rows` of the batch, default all) as valid records; identity without a schema."""
@@ -177,7 +165,8 @@ def begin(method: str, batch: QueryBatch, models: ModelBundle) -> SearchState:
     return SearchState(
         x=x, target=target, logits_orig=logits,
         active=finite & ~already, done=torch.zeros_like(finite), nan=~finite, already=already,
-        n_iter=torch.zeros(len(x), dtype=torch.int64, device=device), codec=codec)
+        n_iter=torch.zeros(len(x), dtype=torch.int64, device=device), codec=codec,
+        bounds=(float(handle.value_range[0]), float(handle.value_range[1])))
 
 
 @dataclass
@@ -262,26 +251,65 @@ _REASONS = {
 }
 
 
-def finish(state: SearchState, x_cf: torch.Tensor, handle: ClassifierHandle, *,
-           criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], budget_reason: str,
-           n_features: Optional[torch.Tensor] = None, extras: Optional[dict] = None) -> CFBatch:
+def argmax_only(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The criterion of a method that asks nothing beyond argmax f(x_cf) = target."""
+    return torch.ones_like(target, dtype=torch.bool)
+
+
+def statuses(nan: torch.Tensor, already: torch.Tensor, ok: torch.Tensor) -> list[str]:
+    """Per-query status from [B] bool masks: "nan" > "already" > "ok" > "budget"."""
+    return [STATUS_NAN if n else STATUS_ALREADY if a else STATUS_OK if s else STATUS_BUDGET
+            for n, a, s in zip(nan.tolist(), already.tolist(), ok.tolist())]
+
+
+def reasons(status: list[str], budget_reason: Union[str, list[str]]) -> list[str]:
+    """Per-query reason: `budget_reason` (one text, or one per query) where the status is "budget"."""
+    per_query = [budget_reason] * len(status) if isinstance(budget_reason, str) else budget_reason
+    return [b if s == STATUS_BUDGET else _REASONS[s] for s, b in zip(status, per_query)]
+
+
+class Outcome(Protocol):
+    """What a method's `_search` returns: it knows how to finish itself into a CFBatch (`Found`, `LatentFound`)."""
+
+    def finish(self, state: SearchState, handle: ClassifierHandle) -> CFBatch: ...
+
+
+@dataclass
+class Found:
+    """What an input-space method's search hands to `finish` (the template's last step, `Method.explain`).
+
+    x_cf [B, *input_shape] the counterfactuals (before the schema projection); budget_reason why a query that
+    ends "budget" failed (one text, or one per query); criterion what success asks beyond argmax = target;
+    outputs the method's own typed CFBatch fields (z0, a_cf, path, mask, ...), by field name.
+    """
+
+    x_cf: torch.Tensor
+    budget_reason: Union[str, list[str]]
+    criterion: Criterion = argmax_only
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def finish(self, state: SearchState, handle: ClassifierHandle) -> CFBatch:
+        return finish(state, self, handle)
+
+
+def finish(state: SearchState, found: Found, handle: ClassifierHandle) -> CFBatch:
     """Project the counterfactuals onto valid records (tabular schema), classify them, assemble the CFBatch.
 
-    success = (argmax f(x_cf) == target) AND criterion(logits_cf, target) [B] bool, for every row
-    (an "already" row included); status: "nan" > "already" > "ok" (success) > "budget".
+    success = (argmax f(x_cf) == target) AND found.criterion(logits_cf, target) [B] bool, for every row
+    (an "already" row included); status: "nan" > "already" > "ok" (success) > "budget";
+    explanation = x_cf − x unless the method gives its own.
     """
-    x_cf = state.project(x_cf)
+    x_cf = state.project(found.x_cf)
     with torch.no_grad():
         logits = handle.logits(x_cf).float() if len(x_cf) else state.logits_orig.clone()
     nan = state.nan | ~all_finite(logits) | ~all_finite(x_cf)
-    success = ~nan & (logits.argmax(1) == state.target) & criterion(logits, state.target)
-    status = [STATUS_NAN if n else STATUS_ALREADY if a else STATUS_OK if s else STATUS_BUDGET
-              for n, a, s in zip(nan.tolist(), state.already.tolist(), success.tolist())]
-    reasons = [budget_reason if s == STATUS_BUDGET else _REASONS[s] for s in status]
+    success = ~nan & (logits.argmax(1) == state.target) & found.criterion(logits, state.target)
+    status = statuses(nan, state.already, success)
+    outputs = {"explanation": x_cf - state.x, **found.outputs}
     return CFBatch(
         x_cf=x_cf, success=success, p_orig=state.p_orig, p_cf=torch.softmax(logits, dim=-1),
-        target=state.target, n_iter=state.n_iter, status=status, explanation=x_cf - state.x,
-        n_features=n_features, extras={"reason": reasons, **(extras or {})})
+        target=state.target, n_iter=state.n_iter, status=status, reason=reasons(status, found.budget_reason),
+        **outputs)
 
 
 def check_field(ok: bool, method: str, field: str, expected: str, value: object) -> None:

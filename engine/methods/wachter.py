@@ -9,9 +9,9 @@ import torch
 
 from engine.methods import losses
 from engine.methods.base import Method, register
-from engine.methods.search import AdamState, begin, check_field, descend, finish
+from engine.methods.search import AdamState, Found, SearchState, check_field, descend
 from engine.models.handles import ModelBundle
-from engine.types import CFBatch, QueryBatch
+from engine.types import QueryBatch
 
 NAME = "wachter"
 LOSSES = ("ce", "hinge")
@@ -53,12 +53,8 @@ class Wachter(Method):
     Config = WachterConfig
     requires = ("classifier",)
 
-    def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
-        self.check_models(models)
-        cfg, handle = self.config, models.classifier
-        state = begin(NAME, batch, models)
-        x = state.x
-        lo, hi = (float(v) for v in handle.value_range)
+    def _search(self, batch: QueryBatch, models: ModelBundle, state: SearchState) -> Found:
+        cfg, handle, x = self.config, models.classifier, state.x
         movable = state.movable()  # tabular schema: immutable columns stay as in x (no gradient reaches them)
 
         def reached(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -78,6 +74,7 @@ class Wachter(Method):
                     stop = reached(handle.logits(state.project(x_new.detach(), rows)).float(), target)
             return to_target + cfg.lam * losses.l1_distance(x_new, x[rows]), stop
 
-        x_cf = descend(x, objective, state, AdamState.zeros_like(x), steps=cfg.max_iter, lr=cfg.lr, bounds=(lo, hi))
-        return finish(state, x_cf, handle, criterion=lambda logits, t: reached(logits, t),
-                      budget_reason=f"not classified as the target with margin {cfg.margin} after {cfg.max_iter} steps")
+        x_cf = descend(x, objective, state, AdamState.zeros_like(x), steps=cfg.max_iter, lr=cfg.lr,
+                       bounds=state.bounds)
+        return Found(x_cf, f"not classified as the target with margin {cfg.margin} after {cfg.max_iter} steps",
+                     criterion=reached)

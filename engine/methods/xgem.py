@@ -11,10 +11,10 @@ import torch
 
 from engine.methods import losses
 from engine.methods.base import Method, register
-from engine.methods.latent_search import find_z0, finish_latent
-from engine.methods.search import AdamState, begin, check_field, descend
+from engine.methods.latent_search import LatentFound, find_z0
+from engine.methods.search import AdamState, SearchState, check_field, descend
 from engine.models.handles import ModelBundle
-from engine.types import CFBatch, QueryBatch
+from engine.types import QueryBatch
 
 NAME = "xgem"
 
@@ -52,10 +52,8 @@ class XGEM(Method):
     Config = XGEMConfig
     requires = ("classifier", "generator")
 
-    def explain(self, batch: QueryBatch, models: ModelBundle) -> CFBatch:
-        self.check_models(models)
+    def _search(self, batch: QueryBatch, models: ModelBundle, state: SearchState) -> LatentFound:
         cfg, handle = self.config, models.classifier
-        state = begin(NAME, batch, models)
         latent = find_z0(NAME, batch, state, models.generator, handle, steps=cfg.invert_steps, lr=cfg.invert_lr,
                          kappa=cfg.invert_kappa)
 
@@ -65,6 +63,4 @@ class XGEM(Method):
             return loss, logits.detach().argmax(1) == target
 
         z = descend(latent.z0, objective, state, AdamState.zeros_like(latent.z0), steps=cfg.max_iter, lr=cfg.lr)
-        return finish_latent(state, latent, z, handle,
-                             success=lambda logits, target: (logits.argmax(1) == target, {}),
-                             budget_reason=f"not classified as the target after {cfg.max_iter} steps")
+        return LatentFound(latent, z, f"not classified as the target after {cfg.max_iter} steps")

@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from engine.metrics.compatibility import pooled_compatibility
+from engine.metrics.frechet import FrechetState, frechet_distance
 
 GROUP_KEYS = ("model_id", "method", "source", "target")
 MOMENT_COLUMNS = {  # column -> only over valid counterfactuals?
@@ -164,7 +165,6 @@ class GroupState:
                                        if self.top_read else None)
         row["fid"], row["fid_samples"] = float("nan"), 0 if self.fid is None else int(self.fid.n)
         if self.fid is not None and fid_reference is not None and self.fid.n >= 2:
-            from engine.metrics.frechet import frechet_distance
             row["fid"] = frechet_distance(self.fid, fid_reference)
         return row
 
@@ -251,7 +251,6 @@ def _state_of(part: pl.DataFrame, fid_dim: Optional[int]) -> GroupState:
     if "fid_features" in cols:
         feats = valid.filter(pl.col("fid_features").is_not_null())["fid_features"]
         if feats.len():
-            from engine.metrics.frechet import FrechetState
             matrix = np.stack([np.asarray(f, np.float64) for f in feats.to_list()])
             state.fid = FrechetState.empty(fid_dim or matrix.shape[1])
             state.fid.update(matrix)

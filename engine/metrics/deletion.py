@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from engine.methods.search import per_query_normal
 from engine.models.handles import ClassifierHandle
+from engine.seeding import per_query_normal
 
 
 def per_query_uniform(seed: int, query_id: torch.Tensor, shape: tuple[int, ...], salt: str) -> torch.Tensor:

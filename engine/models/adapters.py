@@ -1,6 +1,7 @@
 """A user's classifier brought to the engine's contract: x [B, *input_shape] in the data's range -> logits [B, K].
 
-A fleet entry's `input:` and `output:` (engine.spec.audit) become a ModelAdapter around its module, in this order:
+A fleet entry's `input:` and `output:` (engine.spec.audit) become a ModelAdapter around its module
+(engine.runtime.fleet.adapt_classifier), in this order:
 
     scale -> resize -> crop -> normalise -> channels_last -> dtype -> model -> select (index | key) -> head -> float32
 
@@ -16,8 +17,6 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from engine.spec.audit import InputSpec, OutputSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 HEADS = ("logits", "probabilities", "log_probabilities", "sigmoid")
@@ -205,18 +204,6 @@ class ModelAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(self.model(self.prepare(x)))
-
-
-def adapt_classifier(module: nn.Module, input: Optional[InputSpec], output: Optional[OutputSpec],
-                     input_shape: Sequence[int], num_classes: int, model_id: str) -> nn.Module:
-    """`module` in a ModelAdapter for a fleet entry's `input:` / `output:`; the module itself when neither is set."""
-    if input is None and output is None:
-        return module
-    given, head = input or InputSpec(), output or OutputSpec()
-    return ModelAdapter(module, input_shape, num_classes, scale=given.scale, size=given.size, crop=given.crop,
-                        mean=given.mean, std=given.std, channels_last=given.channels_last, dtype=given.dtype,
-                        head=head.kind, index=head.index, key=head.key, declared=output is not None,
-                        model_id=model_id)
 
 
 def declared_output(module: nn.Module) -> Optional[str]:

@@ -12,8 +12,9 @@ probability of `positive_class`; the KL is between Bernoulli distributions.
 
 Randomness is a function of (seed, step, rank): every step draws its batch and bins from its own generator,
 so a run resumed from a checkpoint (weights, optimiser states, step) continues exactly as the uninterrupted
-run would. With `workers > 1` the loop runs under Ray Train's TorchTrainer, data-parallel: each worker draws
-batch_size / workers samples and gradients are averaged with an all-reduce before every optimiser step.
+run would. With `workers > 1` the loop runs under Ray Train's TorchTrainer (engine.runtime.explainer_train),
+data-parallel: each worker draws batch_size / workers samples and gradients are averaged with an all-reduce
+before every optimiser step.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from engine.models.cache import CODE_VERSION, ModelCache, cache_key
 from engine.models.explainer import Explainer, ProjectionDiscriminator
 from engine.models.training import seeded
 from engine.progress import Progress
+from engine.store.uri import exists, join, read_bytes, write_bytes_atomic
 
 KIND = "exaggeration"
 # Training arguments that place the run but do not change the trained weights (not in the cache key).
@@ -156,7 +158,7 @@ def _draw(x: torch.Tensor, c0: torch.Tensor, n: int, num_bins: int, g: torch.Gen
 
 def _average_gradients(params: list[nn.Parameter]) -> None:
     """Data parallelism without DDP's single-forward assumption: all-reduce every gradient (mean)."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: only a Ray Train worker (world > 1) needs it
 
     world = dist.get_world_size()
     for p in params:
@@ -178,8 +180,6 @@ def serialize_checkpoint(state: dict) -> bytes:
 
 def load_checkpoint(uri: str) -> Optional[dict]:
     """The checkpoint at `uri`/checkpoint.pt, or None when there is none."""
-    from engine.store.uri import exists, join, read_bytes
-
     path = join(uri, CHECKPOINT_NAME)
     if not exists(path):
         return None
@@ -197,8 +197,6 @@ def run_training(classifier: nn.Module, x: torch.Tensor, value_range: tuple[floa
     A checkpoint (weights, optimiser states, step, history) is written every `checkpoint_every` steps and at
     the end by rank 0; an existing one for the same config is resumed from.
     """
-    from engine.store.uri import join, write_bytes_atomic
-
     device = torch.device(device)
     cfg = config
     if x.ndim != 4 or x.shape[2] != x.shape[3]:
@@ -322,64 +320,25 @@ def run_training(classifier: nn.Module, x: torch.Tensor, value_range: tuple[floa
     return explainer.cpu().to(memory_format=torch.contiguous_format).eval(), history
 
 
-def _ray_worker_loop(payload: dict) -> None:
-    """TorchTrainer's train_loop_per_worker: the same loop, one shard of every batch, gradients all-reduced."""
-    import tempfile
-
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    torch.set_num_threads(max(1, int(payload.get("threads", 1))))
-    explainer, history = run_training(
-        payload["classifier"], payload["x"], tuple(payload["value_range"]), payload["config"],
-        seed=payload["seed"], checkpoint_uri=payload["checkpoint_uri"], checkpoint_every=payload["checkpoint_every"],
-        device=ray.train.torch.get_device(), rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
-    if ctx.get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"explainer": explainer.state_dict(), "history": history}, f"{tmp}/explainer.pt")
-            ray.train.report({"steps": payload["config"].steps},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report({"steps": payload["config"].steps})
-
-
 def train_explainer(classifier: nn.Module, dataset: ArrayDataset, config: ExplainerConfig, *, seed: int = 0,
                     checkpoint_uri: Optional[str] = None, checkpoint_every: int = 200, workers: int = 1,
                     use_gpu: bool = False, device: Any = "cpu", callback: Optional[Callable[[int, dict], None]] = None,
                     log: Callable[[str], None] = lambda *_: None) -> tuple[Explainer, list[dict]]:
-    """Train I_f on `dataset` (its images, value range) for `classifier`: locally, or on Ray Train (workers > 1)."""
+    """Train I_f on `dataset` (its images, value range) for `classifier` in this process (workers 1)."""
+    value_range = check_images(dataset)
+    if workers > 1:  # the workflows pass train=engine.runtime.explainer_train.train_explainer
+        raise ValueError(f"workers={workers} trains on Ray Train (engine.runtime.explainer_train.train_explainer)")
+    return run_training(classifier, dataset.x.float(), value_range, config, seed=seed,
+                        checkpoint_uri=checkpoint_uri, checkpoint_every=checkpoint_every, device=device,
+                        callback=callback, log=log)
+
+
+def check_images(dataset: ArrayDataset) -> tuple[float, float]:
+    """The dataset's value range; a ValueError unless its samples are images [C, S, S]."""
     if dataset.kind != "image" or len(dataset.input_shape) != 3:
         raise ValueError(f"Progressive exaggeration trains on images but dataset {dataset.name!r} has samples of "
                          f"shape {dataset.input_shape}")
-    value_range = tuple(float(v) for v in dataset.value_range)
-    if workers <= 1:
-        return run_training(classifier, dataset.x.float(), value_range, config, seed=seed,
-                            checkpoint_uri=checkpoint_uri, checkpoint_every=checkpoint_every, device=device,
-                            callback=callback, log=log)
-    import tempfile
-
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from engine.runtime.cluster import start_ray
-
-    start_ray()
-    payload = {"classifier": classifier.cpu(), "x": dataset.x.float(), "value_range": value_range,
-               "config": config, "seed": seed, "checkpoint_uri": checkpoint_uri,
-               "checkpoint_every": checkpoint_every, "threads": 1}
-    trainer = TorchTrainer(_ray_worker_loop, train_loop_config=payload,
-                           scaling_config=ScalingConfig(num_workers=int(workers), use_gpu=bool(use_gpu)),
-                           run_config=RunConfig(name=f"exaggeration-{seed}",
-                                                storage_path=tempfile.mkdtemp(prefix="cfaudit-ray-train-")))
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(f"{directory}/explainer.pt", map_location="cpu", weights_only=True)
-    with seeded(seed):
-        explainer = Explainer(dataset.input_shape[0], dataset.input_shape[1], config.num_bins, config.width,
-                              config.positive_class, value_range, config.levels, config.skip)
-    explainer.load_state_dict(state["explainer"])
-    return explainer.eval(), list(state["history"])
+    return tuple(float(v) for v in dataset.value_range)
 
 
 def explainer_cache_key(classifier_fp: str, dataset_fp: str, config: ExplainerConfig, seed: int,
@@ -390,9 +349,11 @@ def explainer_cache_key(classifier_fp: str, dataset_fp: str, config: ExplainerCo
 def get_or_train_explainer(classifier: nn.Module, dataset: ArrayDataset, dataset_fp: str, config: ExplainerConfig,
                            *, seed: int = 0, cache_dir: Any = None, checkpoint_uri: Optional[str] = None,
                            checkpoint_every: int = 200, workers: int = 1, use_gpu: bool = False,
-                           device: Any = "cpu", log: Callable[[str], None] = lambda *_: None
+                           device: Any = "cpu", log: Callable[[str], None] = lambda *_: None,
+                           train: Optional[Callable[..., tuple[Explainer, list[dict]]]] = None
                            ) -> tuple[Explainer, dict]:
-    """The trained explainer for (classifier weights, data, config, seed): from the model cache or trained now.
+    """The trained explainer for (classifier weights, data, config, seed): from the model cache or trained now,
+    by `train` (train_explainer's signature; default: this process's train_explainer).
 
     info: key, cache_hit, path, seconds, train_seconds, history, classifier_fingerprint.
     """
@@ -417,9 +378,9 @@ def get_or_train_explainer(classifier: nn.Module, dataset: ArrayDataset, dataset
         history, train_seconds = meta.get("history", []), meta.get("train_seconds")
     else:
         t0 = time.perf_counter()
-        explainer, history = train_explainer(classifier, dataset, config, seed=seed, checkpoint_uri=checkpoint_uri,
-                                             checkpoint_every=checkpoint_every, workers=workers, use_gpu=use_gpu,
-                                             device=device, log=log)
+        explainer, history = (train or train_explainer)(
+            classifier, dataset, config, seed=seed, checkpoint_uri=checkpoint_uri, checkpoint_every=checkpoint_every,
+            workers=workers, use_gpu=use_gpu, device=device, log=log)
         train_seconds = time.perf_counter() - t0
         meta = {"key": key, "kind": KIND, "arch": "explainer", "arch_kwargs": explainer.hparams,
                 "train_kwargs": asdict(config), "seed": int(seed), "classifier_fingerprint": cfp,

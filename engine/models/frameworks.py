@@ -154,7 +154,7 @@ def _op_name(domain: str, op_type: str) -> str:
 
 def unsupported_ops(model: Any) -> list[str]:
     """The graph's operators onnx2torch has no converter for at the model's opset, e.g. ['ai.onnx.ml.Scaler']."""
-    from onnx2torch.node_converters.registry import get_converter
+    from onnx2torch.node_converters.registry import get_converter  # deferred: the optional extra `frameworks`
 
     opsets = {o.domain: o.version for o in model.opset_import}
     missing = set()
@@ -174,7 +174,7 @@ def load_onnx(data: bytes, path: str, model_id: Optional[str] = None, base_dir: 
     who = _who(model_id)
     onnx = _require("onnx", "onnx", "onnx")
     _require("onnx2torch", "onnx2torch", "onnx")
-    from onnx2torch import convert
+    from onnx2torch import convert  # deferred: the optional extra `frameworks`
 
     try:
         model = onnx.load_model_from_string(data)
@@ -183,7 +183,7 @@ def load_onnx(data: bytes, path: str, model_id: Optional[str] = None, base_dir: 
     if not len(model.graph.node):
         raise ValueError(f"{who}{path} is not an ONNX model (its graph has no nodes)")
     if base_dir is not None:
-        from onnx.external_data_helper import load_external_data_for_model
+        from onnx.external_data_helper import load_external_data_for_model  # deferred: the optional extra `frameworks`
 
         load_external_data_for_model(model, base_dir)
     missing = unsupported_ops(model)

@@ -55,7 +55,7 @@ PathLike = Union[str, os.PathLike]
 def _read_bytes(path: PathLike) -> bytes:
     text = os.fspath(path)
     if "://" in text and not text.startswith("file://"):
-        import fsspec
+        import fsspec  # deferred: fsspec loads only for a remote URI
 
         try:
             with fsspec.open(text, "rb") as f:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.data.base import ArrayDataset
+from engine.models.training import attribute_targets, finish, seeded, train_classifier
 from engine.progress import Log, Progress
 
 
@@ -189,14 +190,12 @@ def train_text_vae(module: TextVAE, dataset: ArrayDataset, *, epochs: int = 30, 
     similar length and run only up to their longest. Defaults are the measured configuration (README, Text);
     a `disc_weight` of 20 makes the code decide the classifier's verdict but lets the decoder fool D with repeated
     sentiment words ("excellent excellent ..."), so the default stays 1. `log` gets throttled progress lines."""
-    from engine.models.training import _attributes, _finish, seeded, train_classifier
-
     if getattr(dataset, "kind", None) != "text" or getattr(dataset, "schema", None) is None:
         raise ValueError(f"TextVAE trains on a `text` dataset (word vectors and vocabulary); {dataset.name!r} is "
                          f"{getattr(dataset, 'kind', '?')!r}")
     vocab = dataset.schema
     module.set_vectors(vocab.vectors)
-    a_all = _attributes(dataset, module)
+    a_all = attribute_targets(dataset, module)
     x_all = dataset.x.float()
     ids_all = vocab.codec("cpu").ids(x_all)
     targets = output_targets(vocab.vectors, module.hparams["out_vocab"])[ids_all]  # [N, L]
@@ -247,4 +246,4 @@ def train_text_vae(module: TextVAE, dataset: ArrayDataset, *, epochs: int = 30, 
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return _finish(module, history)
+    return finish(module, history)

@@ -70,7 +70,8 @@ def _check_unit_range(dataset: ArrayDataset, who: str) -> None:
                          f"{dataset.value_range}")
 
 
-def _attributes(dataset: ArrayDataset, module: Optional[nn.Module] = None) -> torch.Tensor:
+def attribute_targets(dataset: ArrayDataset, module: Optional[nn.Module] = None) -> torch.Tensor:
+    """The dataset's attributes [N, A] float, checked against the module's attribute outputs."""
     if dataset.attributes is None:
         raise ValueError(f"Dataset {dataset.name!r} has no attributes; attribute models need them")
     hp = getattr(module, "hparams", {})
@@ -81,7 +82,8 @@ def _attributes(dataset: ArrayDataset, module: Optional[nn.Module] = None) -> to
     return dataset.attributes.float()
 
 
-def _finish(module: nn.Module, history: History) -> tuple[nn.Module, History]:
+def finish(module: nn.Module, history: History) -> tuple[nn.Module, History]:
+    """(module in eval mode, history); a FloatingPointError when an epoch's loss is not finite."""
     bad = [i for i, v in enumerate(history) if v != v or v in (float("inf"), float("-inf"))]
     if bad:
         raise FloatingPointError(f"{type(module).__name__} training diverged (non-finite loss at epoch {bad[0]})")
@@ -97,7 +99,7 @@ def train_classifier(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 
     if num_classes is not None and num_classes != dataset.num_classes:
         raise ValueError(f"{type(module).__name__} has num_classes={num_classes} but dataset {dataset.name!r} "
                          f"has {dataset.num_classes} classes")
-    return _fit(module, dataset.x.float(), dataset.y.long(), F.cross_entropy, epochs=epochs,
+    return fit(module, dataset.x.float(), dataset.y.long(), F.cross_entropy, epochs=epochs,
                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                 progress=_progress(stage, log, epochs, len(dataset), batch_size))
 
@@ -107,15 +109,15 @@ def train_oracle(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 6, b
                  stage: str = "oracle") -> tuple[nn.Module, History]:
     """Multi-label BCE on `dataset.attributes`. module: x -> attribute logits [B, A]."""
     _check_fits(module, dataset)
-    return _fit(module, dataset.x.float(), _attributes(dataset, module), F.binary_cross_entropy_with_logits,
+    return fit(module, dataset.x.float(), attribute_targets(dataset, module), F.binary_cross_entropy_with_logits,
                 epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0, seed=seed,
                 progress=_progress(stage, log, epochs, len(dataset), batch_size))
 
 
-def _fit(module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+def fit(module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, epochs: int, batch_size: int,
          lr: float, weight_decay: float, seed: int, progress: Progress) -> tuple[nn.Module, History]:
-    """Supervised Adam loop shared by the classifier and the oracle; history = mean loss per epoch."""
+    """The supervised Adam loop the zoo's trainers share (classifier, oracle); history = mean loss per epoch."""
     history: History = []
     with seeded(seed):
         opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
@@ -131,7 +133,7 @@ def _fit(module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
                 progress.update(loss=total / seen)
             history.append(total / len(x))
     progress.close()
-    return _finish(module, history)
+    return finish(module, history)
 
 
 def train_vae(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 12, batch_size: int = 64,
@@ -165,7 +167,7 @@ def train_vae(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 12, bat
                 progress.update(loss=total / seen)
             history.append(total / len(x))
     progress.close()
-    return _finish(module, history)
+    return finish(module, history)
 
 
 def train_dcgan(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 20, batch_size: int = 32,
@@ -206,7 +208,7 @@ def train_dcgan(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 20, b
                 progress.update(loss=total / seen)
             history.append(total / len(x))
     progress.close()
-    return _finish(module, history)
+    return finish(module, history)
 
 
 def train_attribute_autoencoder(module: nn.Module, dataset: ArrayDataset, *, epochs: int = 15,
@@ -231,7 +233,7 @@ def train_attribute_autoencoder(module: nn.Module, dataset: ArrayDataset, *, epo
         raise ValueError(f"Expected argument `recon` to be 'l1' or 'l2' but got {recon!r}")
     _check_fits(module, dataset)
     _check_unit_range(dataset, type(module).__name__)
-    x, a = dataset.x.float(), _attributes(dataset, module)
+    x, a = dataset.x.float(), attribute_targets(dataset, module)
     if oracle is None:
         with seeded(seed + 1):
             oracle = AttributeOracle(x.shape[1], x.shape[-1], a.shape[1])
@@ -268,4 +270,4 @@ def train_attribute_autoencoder(module: nn.Module, dataset: ArrayDataset, *, epo
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return _finish(module, history)
+    return finish(module, history)

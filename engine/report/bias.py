@@ -11,7 +11,6 @@ Every report carries `schema_version` (a column and Parquet metadata); `read_rep
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Any, Optional, Sequence
@@ -20,8 +19,9 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from engine.metrics.aggregate import BOOTSTRAP_SAMPLES, CONFIDENCE, GROUP_KEYS, GroupState, Rate, collapse
-from engine.report.summary import audit_states, state_table
-from engine.store.uri import exists, filesystem, join, read_bytes, write_bytes_atomic
+from engine.report.summary import audit_states, state_table, summarize
+from engine.store.frames import write_arrow
+from engine.store.uri import exists, filesystem, join, read_bytes
 
 REPORT_SCHEMA_VERSION = 1  # 1: bias, confounding, attributes, fleet as first written (issue #8)
 REPORTS = ("bias", "confounding", "attributes", "fleet")
@@ -206,7 +206,6 @@ def write_reports(out: str, confidence: Optional[float] = None, bootstrap: Optio
     confidence, bootstrap = confidence or settings["confidence"], bootstrap or settings["bootstrap"]
     states = states if states is not None else audit_states(out)
     if summary is None:
-        from engine.report.summary import summarize
         summary = summarize(out, confidence, bootstrap)[0]
     frames = {"bias": bias_table(states),
               "confounding": confounding_table(states, settings["confounders"], settings["reference_model"],
@@ -217,9 +216,7 @@ def write_reports(out: str, confidence: Optional[float] = None, bootstrap: Optio
         table = frame.to_arrow()
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"cfaudit.report": name.encode(),
                                                VERSION_KEY: str(REPORT_SCHEMA_VERSION).encode()})
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        write_bytes_atomic(join(out, "reports", f"{name}.parquet"), buffer.getvalue())
+        write_arrow(join(out, "reports", f"{name}.parquet"), table)
     return frames
 
 

@@ -11,9 +11,6 @@ compatibility plot of progressive-series methods (`exaggeration`) and, per model
 """
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import re
@@ -22,72 +19,22 @@ from typing import Any, Optional
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from engine.data.source import open_split
+from engine.report.bias import read_report
+from engine.report.dashboard_series import series_section
+from engine.report.dashboard_text import text_table
+from engine.report.html import CSS, esc, img, png, show, table
+from engine.store.frames import read_columns, read_frame
 from engine.store.results import result_files
-from engine.store.uri import exists, filesystem, join, read_bytes, write_bytes_atomic
+from engine.store.uri import exists, join, read_bytes, write_bytes_atomic
 
 SCALARS = ["query_id", "label", "pred_orig", "target", "pred_cf", "success", "oracle_changed", "changes",
            "text", "text_cf"]
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#1d1d1f;
-background:#fff;max-width:1300px}
-h1{font-size:24px}h2{font-size:20px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
-h3{font-size:16px;margin-bottom:4px}
-table{border-collapse:collapse;font-size:13px;margin:8px 0}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.note{color:#555;font-size:13px}.grids{display:flex;flex-wrap:wrap;gap:16px}
-figure{margin:0}figcaption{font-size:13px;color:#333}img{max-width:100%;height:auto}
-"""
 # Every figure is drawn under these settings: model ids, class and attribute names are the user's and may hold
 # `$`, which matplotlib otherwise reads as mathtext (`$x^$` raises, `$\alpha$` becomes α); here text is drawn
 # as given. (No chart of the dashboard has a log axis, whose tick labels are mathtext.)
 LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False, "axes.formatter.use_mathtext": False}
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return "–" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.3f}")
-    if isinstance(value, dict):
-        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
-    return str(value)
-
-
-def _png(fig) -> str:
-    """A matplotlib figure as a data URI (the figure is closed)."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _img(uri: str, alt: str, kind: str) -> str:
-    return f'<img class="{kind}" alt="{_esc(alt)}" src="{uri}">'
-
-
-def _table(frame: pl.DataFrame, columns: list[str], table_id: str = "") -> str:
-    ident = f' id="{table_id}"' if table_id else ""
-    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
-    body = []
-    for row in frame.iter_rows(named=True):
-        cells = []
-        for c in columns:
-            v = row.get(c)
-            cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
-            cells.append(f"<td{cls}>{_esc(_fmt(v))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _read(out: str, name: str) -> Optional[pl.DataFrame]:
@@ -95,11 +42,7 @@ def _read(out: str, name: str) -> Optional[pl.DataFrame]:
     if not exists(uri):
         return None
     if name == "summary":  # versioned with the results schema, not the report schema
-        fs, path = filesystem(uri)
-        with fs.open(path, "rb") as handle:
-            return pl.from_arrow(pq.read_table(handle))
-    from engine.report.bias import read_report
-
+        return read_frame(uri)
     return read_report(uri)
 
 
@@ -126,8 +69,6 @@ def _queries(spec: dict[str, Any]):
         return None, "the audit's _job.json names no dataset"
     split = (spec.get("queries") or {}).get("split", "test")
     try:
-        from engine.data.source import open_split
-
         return QueryImages(open_split(dataset["name"], split, **(dataset.get("options") or {}))), ""
     except Exception as error:  # noqa: BLE001 - the page says why the queries are missing
         return None, f"could not reload {dataset['name']}/{split}: {error}"
@@ -142,25 +83,17 @@ def _shards(out: str) -> dict[tuple[str, str], list[str]]:
     return found
 
 
-def _read_table(uri: str, columns: list[str]) -> pa.Table:
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        names = parquet.schema_arrow.names
-        return parquet.read(columns=[c for c in columns if c in names])
-
-
 def _examples(uris: list[str], k: int) -> tuple[list[dict[str, Any]], Optional[np.ndarray]]:
     """Up to k rows (successful ones first, then by query id) and their counterfactuals [k, *shape]."""
     picked: list[tuple[dict[str, Any], np.ndarray]] = []
     for uri in uris:
-        table = _read_table(uri, SCALARS)
-        rows = table.to_pylist()
+        shard = read_columns(uri, SCALARS)
+        rows = shard.to_pylist()
         order = sorted(range(len(rows)), key=lambda i: (not rows[i].get("success"), rows[i]["query_id"]))
         take = order[:k]
         if not take:
             continue
-        x_cf = (_read_table(uri, ["x_cf"]).column("x_cf").combine_chunks().take(pa.array(take))
+        x_cf = (read_columns(uri, ["x_cf"]).column("x_cf").combine_chunks().take(pa.array(take))
                 .to_numpy_ndarray())
         picked += [(rows[i], x_cf[j]) for j, i in enumerate(take)]
         if sum(bool(r.get("success")) for r, _ in picked) >= k:
@@ -172,17 +105,10 @@ def _examples(uris: list[str], k: int) -> tuple[list[dict[str, Any]], Optional[n
     return [r for r, _ in picked], np.stack([x for _, x in picked])
 
 
-def _show(x: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
-    """[C, H, W] in value_range -> an image for imshow ([H, W] grey or [H, W, 3]) in [0, 1]."""
-    lo, hi = value_range
-    img = np.clip((x - lo) / ((hi - lo) or 1.0), 0.0, 1.0)
-    return img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
-
-
 def _grid(rows: list[dict[str, Any]], x_cf: np.ndarray, queries, class_names: list[str],
           title: str) -> str:
     """Rows of query / counterfactual / difference map (red added, blue removed) as one PNG."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot loads when a page is drawn, after matplotlib.use("Agg")
 
     images = x_cf.ndim == 4 and x_cf.shape[1] in (1, 3)
     value_range = tuple(getattr(queries, "value_range", (0.0, 1.0))) if queries is not None else (0.0, 1.0)
@@ -201,13 +127,13 @@ def _grid(rows: list[dict[str, Any]], x_cf: np.ndarray, queries, class_names: li
         else:
             if have_x:
                 x = queries.image(int(row["query_id"])).numpy()
-                ax[0].imshow(_show(x, value_range), cmap="gray", vmin=0, vmax=1)
+                ax[0].imshow(show(x, value_range), cmap="gray", vmin=0, vmax=1)
                 ax[0].set_title(f"query {row['query_id']}: {name(row['pred_orig'])}", fontsize=8)
                 diff = (cf - x).sum(axis=0) / ((value_range[1] - value_range[0]) or 1.0)
                 m = float(np.abs(diff).max()) or 1.0
                 ax[2].imshow(diff, cmap="bwr", vmin=-m, vmax=m)
                 ax[2].set_title("difference (red +, blue −)", fontsize=8)
-            ax[1 if have_x else 0].imshow(_show(cf, value_range), cmap="gray", vmin=0, vmax=1)
+            ax[1 if have_x else 0].imshow(show(cf, value_range), cmap="gray", vmin=0, vmax=1)
         status = "valid" if row.get("success") else "not valid"
         ax[1 if have_x else 0].set_title(f"→ {name(row['target'])}: {name(row['pred_cf'])} ({status})", fontsize=8)
         for a in ax:
@@ -215,7 +141,7 @@ def _grid(rows: list[dict[str, Any]], x_cf: np.ndarray, queries, class_names: li
             a.set_yticks([])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _grouped_bars(ax, groups: int, bars: dict[str, list[float]]) -> None:
@@ -227,7 +153,7 @@ def _grouped_bars(ax, groups: int, bars: dict[str, list[float]]) -> None:
 
 def _drivers(attributes: pl.DataFrame, model: str) -> Optional[str]:
     """Bar chart of how much each method's counterfactuals moved each attribute, for one model."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot loads when a page is drawn, after matplotlib.use("Agg")
 
     part = attributes.filter(pl.col("model_id") == model)
     if part.is_empty():
@@ -247,12 +173,12 @@ def _drivers(attributes: pl.DataFrame, model: str) -> Optional[str]:
     ax.set_ylabel("movement")
     ax.set_title(f"{model}: attribute drivers", fontsize=9)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def _compatibility(series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]) -> str:
     """Desired vs achieved classifier output of progressive series, all steps pooled, one colour per model."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot loads when a page is drawn, after matplotlib.use("Agg")
 
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     ax.plot([0, 1], [0, 1], color="#888", linestyle="--", linewidth=1, label="ideal")
@@ -265,16 +191,16 @@ def _compatibility(series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]])
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("compatibility of progressive series", fontsize=9)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def _series(uris: list[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
     desired, achieved = [], []
     for uri in uris:
-        table = _read_table(uri, ["desired", "achieved"])
-        if "desired" not in table.column_names or "achieved" not in table.column_names:
+        shard = read_columns(uri, ["desired", "achieved"])
+        if "desired" not in shard.column_names or "achieved" not in shard.column_names:
             continue
-        for d, a in zip(table.column("desired").to_pylist(), table.column("achieved").to_pylist()):
+        for d, a in zip(shard.column("desired").to_pylist(), shard.column("achieved").to_pylist()):
             if d is not None and a is not None and len(d) == len(a):
                 desired += d
                 achieved += a
@@ -284,7 +210,7 @@ def _series(uris: list[str]) -> Optional[tuple[np.ndarray, np.ndarray]]:
 
 
 def _fid_chart(summary: pl.DataFrame) -> Optional[str]:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot loads when a page is drawn, after matplotlib.use("Agg")
 
     part = summary.filter(pl.col("fid").is_not_null() & pl.col("fid").is_not_nan())
     if part.is_empty():
@@ -301,7 +227,7 @@ def _fid_chart(summary: pl.DataFrame) -> Optional[str]:
     ax.set_xticks(range(len(models)), models, fontsize=8)
     ax.set_ylabel("FID (lower: closer to real images)")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def _changes_table(rows: list[dict[str, Any]], class_names: list[str], model: str, method: str) -> str:
@@ -310,18 +236,18 @@ def _changes_table(rows: list[dict[str, Any]], class_names: list[str], model: st
         return class_names[c] if 0 <= c < len(class_names) else str(c)
 
     body = "".join(
-        f"<tr><td>{_esc(r['query_id'])}</td><td>{_esc(name(r['pred_orig']))} → {_esc(name(r['target']))}</td>"
+        f"<tr><td>{esc(r['query_id'])}</td><td>{esc(name(r['pred_orig']))} → {esc(name(r['target']))}</td>"
         f"<td>{'valid' if r.get('success') else 'not valid'}</td>"
-        f"<td>{'<br>'.join(_esc(c) for c in (r.get('changes') or [])) or '(no change)'}</td></tr>" for r in rows)
-    return (f"<figure class=\"records\" data-model=\"{_esc(model)}\" data-method=\"{_esc(method)}\">"
+        f"<td>{'<br>'.join(esc(c) for c in (r.get('changes') or [])) or '(no change)'}</td></tr>" for r in rows)
+    return (f"<figure class=\"records\" data-model=\"{esc(model)}\" data-method=\"{esc(method)}\">"
             f"<table><thead><tr><th>query</th><th>class</th><th>result</th><th>changes (before → after)</th></tr>"
-            f"</thead><tbody>{body}</tbody></table><figcaption>{_esc(method)}: counterfactual records</figcaption>"
+            f"</thead><tbody>{body}</tbody></table><figcaption>{esc(method)}: counterfactual records</figcaption>"
             "</figure>")
 
 
 def render_dashboard(out: str, max_examples: int = 6) -> str:
     """Write <out>/dashboard/index.html from the audit's reports and results; returns its path (URI)."""
-    import matplotlib
+    import matplotlib  # deferred: loads only when a page is drawn
 
     matplotlib.use("Agg", force=True)
     with matplotlib.rc_context(LITERAL_TEXT):
@@ -336,10 +262,10 @@ def _write_page(out: str, max_examples: int) -> str:
     queries, why = _queries(spec)
     class_names = list(getattr(queries, "class_names", []) or [])
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-             f"<title>{_esc('cfaudit dashboard: ' + str(spec.get('name', out)))}</title>"
+             f"<title>{esc('cfaudit dashboard: ' + str(spec.get('name', out)))}</title>"
              f"<style>{CSS}</style></head><body>",
-             f"<h1>{_esc('cfaudit audit ' + str(spec.get('name', '')))}</h1>",
-             f"<p class=\"note\">Output {_esc(out)}; dataset {_esc((spec.get('dataset') or {}).get('name', '?'))}. "
+             f"<h1>{esc('cfaudit audit ' + str(spec.get('name', '')))}</h1>",
+             f"<p class=\"note\">Output {esc(out)}; dataset {esc((spec.get('dataset') or {}).get('name', '?'))}. "
              "This page is self-contained: every image is inline.</p>"]
 
     # The fleet, most confounded first.
@@ -351,7 +277,7 @@ def _write_page(out: str, max_examples: int) -> str:
         columns = [c for c in ("rank", "model_id", "confounding_rate", "driver", "driver_rate",
                                "excludes_reference", "confounding_rate_by_method", "rank_by_method",
                                "flip_ratio", "driver_by_method") if c in fleet.columns]
-        parts.append(_table(fleet, columns, "fleet-table"))
+        parts.append(table(fleet, columns, "fleet-table"))
         parts.append("<p class=\"note\">rank 1 = most confounded (rate pooled over methods); "
                      "flip_ratio = validity per method.</p>")
     else:
@@ -359,16 +285,14 @@ def _write_page(out: str, max_examples: int) -> str:
 
     # Per model: counterfactual grids and attribute drivers.
     if queries is None:
-        parts.append(f"<p class=\"note\">Query images not shown: {_esc(why)}.</p>")
+        parts.append(f"<p class=\"note\">Query images not shown: {esc(why)}.</p>")
     for model in models:
-        parts.append(f"<h2 class=\"model\" id=\"model-{_esc(model)}\">Model {_esc(model)}</h2><div class=\"grids\">")
+        parts.append(f"<h2 class=\"model\" id=\"model-{esc(model)}\">Model {esc(model)}</h2><div class=\"grids\">")
         for method in sorted(mm for m, mm in shards if m == model):
             rows, x_cf = _examples(shards[(model, method)], max_examples)
             if x_cf is None:
                 continue
             if any(r.get("text_cf") is not None for r in rows):  # sentences (engine.report.dashboard_text)
-                from engine.report.dashboard_text import text_table
-
                 parts.append(text_table(rows, class_names, model, method))
                 continue
             if any(r.get("changes") is not None for r in rows):  # tabular records: the changes in words
@@ -376,23 +300,21 @@ def _write_page(out: str, max_examples: int) -> str:
                 continue
             uri = _grid(rows, x_cf, queries, class_names, f"{model} / {method}")
             caption = f"{method}: query, counterfactual, difference (red: added, blue: removed)"
-            parts.append(f"<figure class=\"grid\" data-model=\"{_esc(model)}\" data-method=\"{_esc(method)}\">"
-                         f"{_img(uri, f'{model} {method} examples', 'grid')}"
-                         f"<figcaption>{_esc(caption)}</figcaption></figure>")
+            parts.append(f"<figure class=\"grid\" data-model=\"{esc(model)}\" data-method=\"{esc(method)}\">"
+                         f"{img(uri, f'{model} {method} examples', 'grid')}"
+                         f"<figcaption>{esc(caption)}</figcaption></figure>")
         parts.append("</div>")
         chart = _drivers(attributes, model) if attributes is not None else None
         if chart:
-            parts.append(f"<h3>Attribute drivers</h3><figure>{_img(chart, f'{model} attribute drivers', 'drivers')}"
+            parts.append(f"<h3>Attribute drivers</h3><figure>{img(chart, f'{model} attribute drivers', 'drivers')}"
                          "</figure>")
 
     # Progressive series (exaggeration): compatibility of desired and achieved outputs, then the series.
     parts.append("<h2 id=\"compatibility\">Progressive series: compatibility and exaggeration</h2>")
     series = {key: s for key, uris in sorted(shards.items()) if (s := _series(uris)) is not None}
     if series:
-        parts.append(f"<figure>{_img(_compatibility(series), 'compatibility plot', 'compat')}</figure>")
+        parts.append(f"<figure>{img(_compatibility(series), 'compatibility plot', 'compat')}</figure>")
         parts.append("<p class=\"note\">Every step of every query pooled per model.</p>")
-        from engine.report.dashboard_series import series_section
-
         parts += series_section(shards, models, queries, class_names)
     else:
         parts.append("<p class=\"note\">No method in this audit produced progressive series "
@@ -401,14 +323,12 @@ def _write_page(out: str, max_examples: int) -> str:
     # Counterfactual augmentation (cfaudit augment --evaluate): test accuracy per arm over seeds.
     aug_uri = join(out, "reports", "augmentation.parquet")
     if exists(aug_uri):
-        fs, path = filesystem(aug_uri)
-        with fs.open(path, "rb") as handle:
-            aug = pl.from_arrow(pq.read_table(handle))
+        aug = read_frame(aug_uri)
         parts.append("<h2 id=\"augmentation\">Counterfactual augmentation</h2>")
         columns = [c for c in ("arm", "seeds", "n_initial", "n_added", "accuracy_mean", "accuracy_std",
                                "accuracy_min", "accuracy_max", "plausibility_filter", "plausibility_features")
                    if c in aug.columns]
-        parts.append(_table(aug, columns, "augmentation-table"))
+        parts.append(table(aug, columns, "augmentation-table"))
         parts.append("<p class=\"note\">Test accuracy of the architecture trained from scratch on the initial set "
                      "(baseline), with the kept counterfactuals (one arm per method, label = target class), and "
                      "with as many real initial samples drawn again (duplicates: the same number of training "
@@ -419,10 +339,10 @@ def _write_page(out: str, max_examples: int) -> str:
     if summary is not None and "fid" in summary.columns:
         columns = [c for c in ("model_id", "method", "fid", "fid_extractor", "fid_samples",
                                "fid_reference_samples") if c in summary.columns]
-        parts.append(_table(summary.sort(["method", "model_id"]), columns, "fid-table"))
+        parts.append(table(summary.sort(["method", "model_id"]), columns, "fid-table"))
         chart = _fid_chart(summary)
         if chart:
-            parts.append(f"<figure>{_img(chart, 'FID per method', 'fid')}</figure>")
+            parts.append(f"<figure>{img(chart, 'FID per method', 'fid')}</figure>")
         else:
             parts.append("<p class=\"note\">No FID computed in this audit (no reference statistics or no valid "
                          "counterfactuals).</p>")

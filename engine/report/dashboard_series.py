@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from engine.report.dashboard import _esc, _img, _png, _read_table, _show
+from engine.report.html import esc, img, png, show
+from engine.store.frames import read_columns
 from engine.store.results import read_series
 
 ROW_COLUMNS = ["query_id", "pred_orig", "target", "success", "desired", "achieved"]
@@ -19,7 +20,7 @@ def series_rows(uris: list[str], k: int) -> list[dict[str, Any]]:
     """Up to k rows that carry a series (valid ones first, then by query id), each with `path` [S, *shape]."""
     picked: list[dict[str, Any]] = []
     for uri in uris:
-        table = _read_table(uri, ROW_COLUMNS + ["path"])
+        table = read_columns(uri, ROW_COLUMNS + ["path"])
         if "path" not in table.column_names:  # a shard of results schema < 4
             continue
         rows = table.drop_columns(["path"]).to_pylist()
@@ -38,7 +39,7 @@ def _label(values: Optional[list], step: int) -> str:
 
 def series_figure(rows: list[dict[str, Any]], queries, class_names: list[str], title: str) -> str:
     """Rows of query | x_δ step 1 … S as one PNG; desired f above each step, achieved f(x_δ) under it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot loads when a page is drawn, after matplotlib.use("Agg")
 
     value_range = tuple(getattr(queries, "value_range", (0.0, 1.0))) if queries is not None else (0.0, 1.0)
     steps = max(len(r["path"]) for r in rows)
@@ -57,19 +58,19 @@ def series_figure(rows: list[dict[str, Any]], queries, class_names: list[str], t
         if lead:
             ax = ax_row[0]
             ax.axis("on")
-            ax.imshow(_show(queries.image(int(row["query_id"])).numpy(), value_range), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(show(queries.image(int(row["query_id"])).numpy(), value_range), cmap="gray", vmin=0, vmax=1)
             status = "valid" if row.get("success") else "not valid"
             ax.set_title(f"query {row['query_id']} ({status})", fontsize=7)
             ax.set_xlabel(f"{name(row['pred_orig'])} → {name(row['target'])}", fontsize=7)
         for s, image in enumerate(row["path"]):
             ax = ax_row[lead + s]
             ax.axis("on")
-            ax.imshow(_show(image, value_range), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(show(image, value_range), cmap="gray", vmin=0, vmax=1)
             ax.set_title(f"desired {_label(row.get('desired'), s)}", fontsize=7)
             ax.set_xlabel(f"f = {_label(row.get('achieved'), s)}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def series_section(shards: dict[tuple[str, str], list[str]], models: list[str], queries, class_names: list[str],
@@ -85,8 +86,8 @@ def series_section(shards: dict[tuple[str, str], list[str]], models: list[str], 
             caption = (f"{model} / {method}: each row is a query followed by its series x_δ; above each step the "
                        "desired output f(x) + δ, under it the achieved output f(x_δ) of the model (f: the "
                        "probability of the explainer's positive class)")
-            parts.append(f"<h3>{_esc(model)}</h3><figure class=\"series\" data-model=\"{_esc(model)}\" "
-                         f"data-method=\"{_esc(method)}\" data-steps=\"{max(len(r['path']) for r in rows)}\">"
-                         f"{_img(uri, f'{model} {method} progressive series', 'series')}"
-                         f"<figcaption>{_esc(caption)}</figcaption></figure>")
+            parts.append(f"<h3>{esc(model)}</h3><figure class=\"series\" data-model=\"{esc(model)}\" "
+                         f"data-method=\"{esc(method)}\" data-steps=\"{max(len(r['path']) for r in rows)}\">"
+                         f"{img(uri, f'{model} {method} progressive series', 'series')}"
+                         f"<figcaption>{esc(caption)}</figcaption></figure>")
     return parts

@@ -8,15 +8,12 @@ red on the query's side, inserted ones green on the counterfactual's; the page s
 from __future__ import annotations
 
 import difflib
-import html
 from typing import Any
+
+from engine.report.html import esc
 
 CSS = ("mark.del{background:#fdd;color:#a00;text-decoration:line-through}"
        "mark.ins{background:#dfd;color:#060;font-weight:600}td.sentence{max-width:520px}")
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def highlight(before: str, after: str) -> tuple[str, str]:
@@ -24,7 +21,7 @@ def highlight(before: str, after: str) -> tuple[str, str]:
     a, b = before.split(), after.split()
     left, right = [], []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
-        old, new = " ".join(map(_esc, a[i1:i2])), " ".join(map(_esc, b[j1:j2]))
+        old, new = " ".join(map(esc, a[i1:i2])), " ".join(map(esc, b[j1:j2]))
         if op == "equal":
             left.append(old)
             right.append(new)
@@ -44,10 +41,10 @@ def text_table(rows: list[dict[str, Any]], class_names: list[str], model: str, m
     body = []
     for r in rows:
         before, after = highlight(r.get("text") or "", r.get("text_cf") or "")
-        body.append(f"<tr><td>{_esc(r['query_id'])}</td><td>{_esc(name(r['pred_orig']))} → "
-                    f"{_esc(name(r['target']))}</td><td>{'valid' if r.get('success') else 'not valid'}</td>"
+        body.append(f"<tr><td>{esc(r['query_id'])}</td><td>{esc(name(r['pred_orig']))} → "
+                    f"{esc(name(r['target']))}</td><td>{'valid' if r.get('success') else 'not valid'}</td>"
                     f"<td class=\"sentence\">{before}</td><td class=\"sentence\">{after}</td></tr>")
-    return (f"<figure class=\"sentences\" data-model=\"{_esc(model)}\" data-method=\"{_esc(method)}\">"
+    return (f"<figure class=\"sentences\" data-model=\"{esc(model)}\" data-method=\"{esc(method)}\">"
             f"<style>{CSS}</style><table><thead><tr><th>query</th><th>class</th><th>result</th><th>sentence</th>"
             f"<th>counterfactual (changed words marked)</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
-            f"<figcaption>{_esc(method)}: counterfactual sentences</figcaption></figure>")
+            f"<figcaption>{esc(method)}: counterfactual sentences</figcaption></figure>")

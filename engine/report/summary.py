@@ -10,7 +10,6 @@ produced each figure.
 """
 from __future__ import annotations
 
-import io
 from typing import Optional
 
 import polars as pl
@@ -20,7 +19,8 @@ import pyarrow.parquet as pq
 from engine.metrics.aggregate import BOOTSTRAP_SAMPLES, CONFIDENCE, GroupState, collapse, group_states, merge_states
 from engine.metrics.fid_reference import read_reference
 from engine.store.results import SCHEMA_VERSION, result_files
-from engine.store.uri import filesystem, join, write_bytes_atomic
+from engine.store.frames import write_frame
+from engine.store.uri import filesystem, join
 
 # What the audit prints (every column is in the Parquet file).
 SUMMARY_COLUMNS = ["model_id", "method", "queries", "validity", "mean_l0", "mean_l2", "seconds_per_cf",
@@ -93,9 +93,7 @@ def write_summary(out: str, confidence: Optional[float] = None, bootstrap: Optio
                   states: Optional[dict[tuple, GroupState]] = None) -> pl.DataFrame:
     summary, groups = summarize(out, confidence or CONFIDENCE, bootstrap or BOOTSTRAP_SAMPLES, states)
     for name, frame in (("summary", summary), ("groups", groups)):
-        buffer = io.BytesIO()
-        frame.write_parquet(buffer)
-        write_bytes_atomic(join(out, "reports", f"{name}.parquet"), buffer.getvalue())
+        write_frame(join(out, "reports", f"{name}.parquet"), frame)
     return summary
 
 

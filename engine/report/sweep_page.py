@@ -14,20 +14,16 @@ from typing import Any, Optional
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
-from engine.report.dashboard import CSS, _esc, _fmt, _img, _png, _show, _table
-from engine.store.uri import exists, filesystem, join, read_bytes, write_bytes_atomic
+from engine.report.html import CSS, esc, fmt, img, png, show, table
+from engine.store.frames import read_frame
+from engine.store.uri import exists, join, read_bytes, write_bytes_atomic
 
 GREY, FRONT, STAR = "#9a9a9a", "#c0392b", "#f1c40f"
 
 
 def _read(uri: str) -> Optional[pl.DataFrame]:
-    if not exists(uri):
-        return None
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        return pl.from_arrow(pq.read_table(handle))
+    return read_frame(uri) if exists(uri) else None
 
 
 def _numeric(values: list[Any]) -> bool:
@@ -52,7 +48,7 @@ def _positions(values: list[Any], entry: dict[str, Any]) -> tuple[np.ndarray, Op
 def _tradeoff(done: pl.DataFrame, knob: str, entry: dict[str, Any], objectives: list[dict[str, Any]],
               single: bool) -> str:
     """One panel per objective: the knob's value against the objective, front and recommendation marked."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot loads when a page is drawn, after matplotlib.use("Agg")
 
     x, labels, log = _positions(done[knob].to_list(), entry)
     front = done["on_front"].to_numpy() if "on_front" in done.columns else np.zeros(done.height, bool)
@@ -75,12 +71,12 @@ def _tradeoff(done: pl.DataFrame, knob: str, entry: dict[str, Any], objectives: 
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"trade-off of {knob}", fontsize=9, parse_math=False)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _front_scatter(done: pl.DataFrame, a: dict[str, Any], b: dict[str, Any], knobs: list[str]) -> str:
     """Objective a against objective b; the front joined in order, each front point labelled by its config."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot loads when a page is drawn, after matplotlib.use("Agg")
 
     x = done[a["metric"]].cast(pl.Float64).to_numpy()
     y = done[b["metric"]].cast(pl.Float64).to_numpy()
@@ -91,25 +87,25 @@ def _front_scatter(done: pl.DataFrame, a: dict[str, Any], b: dict[str, Any], kno
     ax.plot(x[order], y[order], color=FRONT, linewidth=1.2, marker="o", markersize=5, label="Pareto front")
     ax.scatter(x[rec], y[rec], color=STAR, edgecolor="black", marker="*", s=200, zorder=4, label="recommended")
     for i in order:
-        text = ", ".join(f"{k}={_fmt(done[k][int(i)])}" for k in knobs)
+        text = ", ".join(f"{k}={fmt(done[k][int(i)])}" for k in knobs)
         ax.annotate(text, (x[i], y[i]), fontsize=6, xytext=(3, 3), textcoords="offset points", parse_math=False)
     ax.set_xlabel(f"{a['metric']} ({a['mode']})", parse_math=False)
     ax.set_ylabel(f"{b['metric']} ({b['mode']})", parse_math=False)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _thumbnails(part: pl.DataFrame, title: str) -> str:
     """Rows of query | counterfactual thumbnails for image examples."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot loads when a page is drawn, after matplotlib.use("Agg")
 
     fig, axes = plt.subplots(part.height, 2, figsize=(3.4, 1.7 * part.height), squeeze=False)
     for ax, row in zip(axes, part.iter_rows(named=True)):
         shape = tuple(row["shape"])
         value_range = (row.get("value_lo", 0.0), row.get("value_hi", 1.0))
         for a, key in zip(ax, ("x", "x_cf")):
-            a.imshow(_show(np.asarray(row[key], np.float32).reshape(shape), value_range), cmap="gray", vmin=0, vmax=1)
+            a.imshow(show(np.asarray(row[key], np.float32).reshape(shape), value_range), cmap="gray", vmin=0, vmax=1)
             a.set_xticks([])
             a.set_yticks([])
         ax[0].set_title(f"query {row['query_id']}: class {row['pred_orig']}", fontsize=7)
@@ -117,7 +113,7 @@ def _thumbnails(part: pl.DataFrame, title: str) -> str:
                         fontsize=7)
     fig.suptitle(title, fontsize=8, parse_math=False)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _examples(examples: pl.DataFrame) -> list[str]:
@@ -125,23 +121,23 @@ def _examples(examples: pl.DataFrame) -> list[str]:
     for point in list(dict.fromkeys(examples["point"].to_list())):
         part = examples.filter(pl.col("point") == point).sort("query_id")
         first = part.row(0, named=True)
-        config = ", ".join(f"{k}={_fmt(v)}" for k, v in json.loads(first["config"]).items())
+        config = ", ".join(f"{k}={fmt(v)}" for k, v in json.loads(first["config"]).items())
         caption = f"{point}: {config} (trial {first['trial_id']}, model {first['model_id']})"
-        parts.append(f"<figure class=\"example\" data-point=\"{_esc(point)}\">")
+        parts.append(f"<figure class=\"example\" data-point=\"{esc(point)}\">")
         if len(first["shape"]) >= 2:
-            parts.append(_img(_thumbnails(part, f"{point}: {config}"), f"{point} counterfactuals", "examples"))
+            parts.append(img(_thumbnails(part, f"{point}: {config}"), f"{point} counterfactuals", "examples"))
         else:
             view = part.with_columns(pl.col("changes").list.join("; ").alias("changed features"),
                                      pl.col("success").alias("valid"))
-            parts.append(_table(view, ["query_id", "target", "pred_cf", "valid", "l0", "changed features"]))
-        parts.append(f"<figcaption>{_esc(caption)}</figcaption></figure>")
+            parts.append(table(view, ["query_id", "target", "pred_cf", "valid", "l0", "changed features"]))
+        parts.append(f"<figcaption>{esc(caption)}</figcaption></figure>")
     parts.append("</div>")
     return parts
 
 
 def render_sweep_page(directory: str) -> str:
     """Write <directory>/index.html from the sweep's files; returns its URI."""
-    import matplotlib
+    import matplotlib  # deferred: loads only when a page is drawn
 
     matplotlib.use("Agg", force=True)
     record = json.loads(read_bytes(join(directory, "_sweep.json")))
@@ -157,12 +153,12 @@ def render_sweep_page(directory: str) -> str:
     name = str(spec.get("name", record.get("name", "")))
     wanted = ", ".join(f"{o.get('metric')} ({o.get('mode')})" for o in objectives)
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-             f"<title>{_esc('cfaudit sweep: ' + name)}</title><style>{CSS}</style></head><body>",
-             f"<h1>{_esc(f'cfaudit sweep {name}: {method}')}</h1>",
-             f"<p class=\"note\">Models {_esc(', '.join(models))}; dataset "
-             f"{_esc((spec.get('dataset') or {}).get('name', '?'))}; {_esc((spec.get('queries') or {}).get('count', '?'))}"
-             f" queries per trial (seed {_esc(spec.get('seed', '?'))}); search {_esc(spec.get('search', '?'))}; "
-             f"objectives {_esc(wanted)}. "
+             f"<title>{esc('cfaudit sweep: ' + name)}</title><style>{CSS}</style></head><body>",
+             f"<h1>{esc(f'cfaudit sweep {name}: {method}')}</h1>",
+             f"<p class=\"note\">Models {esc(', '.join(models))}; dataset "
+             f"{esc((spec.get('dataset') or {}).get('name', '?'))}; {esc((spec.get('queries') or {}).get('count', '?'))}"
+             f" queries per trial (seed {esc(spec.get('seed', '?'))}); search {esc(spec.get('search', '?'))}; "
+             f"objectives {esc(wanted)}. "
              "This page is self-contained: every image is inline.</p>"]
     done = None
     if trials is not None and trials.height and "status" in trials.columns:
@@ -178,12 +174,12 @@ def render_sweep_page(directory: str) -> str:
     rec = None if pareto is None else pareto.filter(pl.col("recommended"))
     if rec is not None and rec.height:
         row = rec.row(0, named=True)
-        config = ", ".join(f"{k}={_fmt(row.get(k))}" for k in knobs)
-        figures = ", ".join(f"{o['metric']} {_fmt(row.get(o['metric']))}" for o in objectives)
+        config = ", ".join(f"{k}={fmt(row.get(k))}" for k in knobs)
+        figures = ", ".join(f"{o['metric']} {fmt(row.get(o['metric']))}" for o in objectives)
         floor = spec.get("validity_floor")
         why = "the knee of the Pareto front" + (f" of the trials with validity ≥ {floor}" if floor is not None else "")
-        parts.append(f"<p id=\"recommended\"><b>{_esc(config)}</b>: {_esc(figures)} ({_esc(why)}; trial "
-                     f"{_esc(row['trial_id'])}).</p>")
+        parts.append(f"<p id=\"recommended\"><b>{esc(config)}</b>: {esc(figures)} ({esc(why)}; trial "
+                     f"{esc(row['trial_id'])}).</p>")
     else:
         parts.append("<p class=\"note\">No recommendation: no finished trial"
                      + (" reaches the validity floor" if spec.get("validity_floor") is not None else "") + ".</p>")
@@ -194,22 +190,22 @@ def render_sweep_page(directory: str) -> str:
         parts.append("<h2 id=\"tradeoffs\">Trade-off curves</h2>")
         for knob in knobs:
             uri = _tradeoff(done, knob, space.get(knob) or {}, objectives, single=len(knobs) == 1)
-            parts.append(f"<figure class=\"tradeoff\" data-knob=\"{_esc(knob)}\">{_img(uri, f'{knob} trade-off', 'curve')}"
-                         f"<figcaption>{_esc(knob)} against every objective; red: Pareto front, star: recommended"
+            parts.append(f"<figure class=\"tradeoff\" data-knob=\"{esc(knob)}\">{img(uri, f'{knob} trade-off', 'curve')}"
+                         f"<figcaption>{esc(knob)} against every objective; red: Pareto front, star: recommended"
                          "</figcaption></figure>")
         parts.append("<h2 id=\"front\">Pareto front</h2>")
         if len(objectives) >= 2:
             for a, b in combinations(objectives, 2):
                 uri = _front_scatter(done, a, b, knobs)
                 alt = f"{a['metric']} vs {b['metric']}"
-                parts.append(f"<figure class=\"front\">{_img(uri, alt, 'front')}"
-                             f"<figcaption>{_esc(a['metric'])} against {_esc(b['metric'])}</figcaption></figure>")
+                parts.append(f"<figure class=\"front\">{img(uri, alt, 'front')}"
+                             f"<figcaption>{esc(a['metric'])} against {esc(b['metric'])}</figcaption></figure>")
         else:
             parts.append("<p class=\"note\">One objective: the front is its best trial(s).</p>")
         if pareto is not None:
             columns = [c for c in ["trial_index", *knobs, *[o["metric"] for o in objectives], "validity",
                                    "knee_score", "recommended"] if c in pareto.columns]
-            parts.append(_table(pareto, list(dict.fromkeys(columns)), "pareto-table"))
+            parts.append(table(pareto, list(dict.fromkeys(columns)), "pareto-table"))
 
     parts.append("<h2 id=\"examples\">Counterfactuals along the front</h2>")
     if examples is not None and examples.height:
@@ -221,7 +217,7 @@ def render_sweep_page(directory: str) -> str:
     if trials is not None and trials.height:
         columns = [c for c in ["trial_index", "trial_id", "status", *knobs, *[o["metric"] for o in objectives],
                                "validity", "seed", "error"] if c in trials.columns]
-        parts.append(_table(trials, list(dict.fromkeys(columns)), "trials-table"))
+        parts.append(table(trials, list(dict.fromkeys(columns)), "trials-table"))
     else:
         parts.append("<p class=\"note\">No trials yet.</p>")
     parts.append("</body></html>")

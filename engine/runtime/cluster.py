@@ -101,7 +101,7 @@ def ray_output() -> dict:
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
               include_dashboard: bool = False) -> None:
     """Join the cluster at `address` (else $RAY_ADDRESS), or start a local Ray bound to 127.0.0.1 (idempotent)."""
-    import ray
+    import ray  # deferred: Ray loads only when a job starts it, not on importing the engine
 
     if ray.is_initialized():
         return
@@ -125,7 +125,7 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, num
 
 
 def stop_ray() -> None:
-    import ray
+    import ray  # deferred: Ray loads only when a job starts it, not on importing the engine
 
     if ray.is_initialized():
         ray.shutdown()

@@ -25,9 +25,9 @@ from engine.explain import explain_unit
 from engine.metrics.fid_reference import FidChoice, build_extractor
 from engine.metrics.per_query import MetricOptions
 from engine.methods import config_hash, make_method
-from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
 from engine.models.handles import ModelBundle
 from engine.models.loading import weights_digest
+from engine.runtime.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
 from engine.runtime.reference import SharedReference
 from engine.runtime.telemetry import Telemetry
 from engine.spec.audit import AuditSpec

@@ -6,6 +6,8 @@ alone, with `max_restarts=0`, before the pool starts; and the pool must be up wi
 """
 from __future__ import annotations
 
+import time
+
 
 class HostStartError(ValueError):
     """No model host can start: its constructor raises, its process dies in it, or the cluster has no room."""
@@ -33,9 +35,7 @@ def probe_host(host_cls: type, kwargs: dict, resources: dict, attempts: int, tim
     Here a constructor that raises ends the job at once, a process that dies in it `attempts` times ends it
     then, and a host not up within timeout_s (no room in the cluster, a constructor that hangs) at the deadline.
     """
-    import time
-
-    import ray
+    import ray  # deferred: Ray loads only when a job starts hosts
 
     deadline = time.monotonic() + timeout_s
     for _ in range(attempts):

@@ -87,7 +87,7 @@ def run_scheduled(host_cls: type, host_kwargs: dict, todo: list[WorkUnit], runti
     `share_when_warm`: a second host takes a model's units only after a first has returned one (Placement).
     `while_starting` runs once the hosts are created, while they start (the start probe); if it raises, the
     hosts are stopped and the error goes to the caller."""
-    import ray
+    import ray  # deferred: Ray loads only when a job runs units
 
     resources = {"num_cpus": runtime.num_cpus_per_actor, "num_gpus": runtime.num_gpus_per_actor}
     actor_cls = ray.remote(host_cls).options(max_restarts=-1, max_task_retries=0, **resources)

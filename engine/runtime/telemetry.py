@@ -20,7 +20,7 @@ class Telemetry:
         self._inflight: dict[tuple, int] = defaultdict(int)
         self.enabled = False
         try:
-            import ray
+            import ray  # deferred: Ray loads only inside a Ray process (no metrics elsewhere)
             from ray.util.metrics import Counter, Gauge, Histogram
 
             if not ray.is_initialized():

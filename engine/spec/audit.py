@@ -8,6 +8,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from engine.methods import get_method_class, make_config, method_names
+from engine.models.explainer_training import make_explainer_config
+
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"  # model ids become directory names (model=<id>)
 
 
@@ -232,8 +235,6 @@ class ExplainerEntry(Strict):
     @field_validator("train")
     @classmethod
     def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from engine.models.explainer_training import make_explainer_config
-
         make_explainer_config(value)  # raises naming the unknown or invalid field
         return value
 
@@ -329,8 +330,6 @@ class AuditSpec(Strict):
 
     def explainer_entry(self) -> Optional[ExplainerEntry]:
         """The explainer to train per fleet model when a method needs one (the defaults if none is given)."""
-        from engine.methods import get_method_class
-
         if any("explainer" in get_method_class(m.name).requires for m in self.methods):
             return self.explainer or ExplainerEntry()
         return None
@@ -347,8 +346,6 @@ class AuditSpec(Strict):
 
     @model_validator(mode="after")
     def _unique_and_known(self) -> "AuditSpec":
-        from engine.methods import get_method_class, make_config, method_names
-
         ids = [m.id for m in self.fleet]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:

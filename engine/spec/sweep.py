@@ -13,9 +13,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
+from engine.methods import get_method_class, make_config, method_names
 from engine.spec.audit import (ID_PATTERN, DatasetRef, ExplainerEntry, FidSpec, FleetModel, GeneratorEntry,
-                               MethodEntry, MetricsSpec, OracleEntry, QuerySpec, Strict, Target,
-                               confounders_of)
+                               MethodEntry, MetricsSpec, OracleEntry, QuerySpec, Strict, Target, confounders_of)
 
 # What a trial reports that an objective may name (engine.tune.trainable computes every one of them).
 # Distances and latent figures are over the valid counterfactuals only, as in the audit's reports.
@@ -127,8 +127,6 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SweepSpec":
-        from engine.methods import get_method_class, make_config, method_names
-
         ids = [m.id for m in self.fleet]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
@@ -187,8 +185,6 @@ class SweepSpec(Strict):
         return self
 
     def needs_explainer(self) -> Optional[ExplainerEntry]:
-        from engine.methods import get_method_class
-
         if "explainer" in get_method_class(self.method.name).requires:
             return self.explainer or ExplainerEntry()
         return None

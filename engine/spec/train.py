@@ -5,6 +5,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
+from engine.models.explainer_training import RUN_OPTIONS, make_explainer_config
 from engine.spec.audit import ID_PATTERN, DatasetRef, Strict
 
 # The built-in architecture each kind trains when a spec names none (zoo.ARCHITECTURES names).
@@ -43,8 +44,6 @@ class TrainSpec(Strict):
     def _explainers(self) -> "TrainSpec":
         """An `exaggeration` entry names an earlier classifier entry; its train_options are ExplainerConfig
         fields plus the run options workers, use_gpu, checkpoint_uri and checkpoint_every."""
-        from engine.models.explainer_training import RUN_OPTIONS, make_explainer_config
-
         seen: dict[str, str] = {}
         for i, m in enumerate(self.models):
             if m.kind == "exaggeration":

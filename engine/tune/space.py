@@ -7,7 +7,7 @@ from engine.spec.sweep import SpaceEntry, SweepSpec
 
 
 def domain(entry: SpaceEntry) -> Any:
-    from ray import tune
+    from ray import tune  # deferred: Ray Tune loads only when a sweep runs
 
     if entry.grid is not None:
         return tune.grid_search(list(entry.grid))
@@ -30,12 +30,13 @@ def search_alg(spec: SweepSpec) -> tuple[Any, Optional[int]]:
 
     Returns (search_alg, max_concurrent_trials for TuneConfig).
     """
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search import BasicVariantGenerator  # deferred: Ray Tune loads only when a sweep runs
 
     if spec.search in ("grid", "random"):
         # random_state seeds the sampling of random domains, so a random sweep draws the same configs again.
         # Tune applies TuneConfig.max_concurrent_trials to Searchers only; this generator takes it itself.
         return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials or 0), None
+    # deferred: Optuna (through Ray Tune) loads only for `search: optuna`
     from ray.tune.search.optuna import OptunaSearch
 
     metrics = [o.metric for o in spec.objectives]

@@ -22,15 +22,16 @@ import torch
 
 from engine.data import load_dataset
 from engine.explain import explain_unit
+from engine.methods import Method, config_hash, make_method
 from engine.metrics.aggregate import GroupState, Moments, collapse, group_states, merge_states
 from engine.metrics.fid_reference import FidChoice, build_extractor
 from engine.metrics.frechet import FrechetState
 from engine.metrics.per_query import MetricOptions
-from engine.methods import Method, config_hash, make_method
-from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
 from engine.models.handles import ModelBundle
+from engine.runtime.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
 from engine.runtime.host import pick_device
 from engine.spec.sweep import SweepSpec
+from engine.store.uri import join
 from engine.tune.space import plain
 
 TENSOR_COLUMNS = ("x_cf", "p_orig", "p_cf")
@@ -175,8 +176,6 @@ def collapse_metrics(row: dict[str, Any], latent: Moments, seed: int) -> dict[st
 
 
 def _explainer_root(spec: SweepSpec) -> str:
-    from engine.store.uri import join
-
     return join(spec.output, "sweeps", spec.name)
 
 
@@ -204,6 +203,6 @@ def runner_from_context(ctx: TrialContext) -> TrialRunner:
 
 def trainable(config: dict[str, Any], context: TrialContext) -> None:
     """Ray Tune function trainable: the models (loaded once per actor), the config's run, one report."""
-    from ray import tune
+    from ray import tune  # deferred: Ray Tune loads only when a sweep runs
 
     tune.report(runner_from_context(context).metrics(config))

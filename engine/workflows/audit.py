@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -9,15 +10,23 @@ import polars as pl
 import torch
 
 from engine.data.source import open_split
+from engine.methods import get_method_class
 from engine.metrics.fid_reference import (FidChoice, build_extractor, read_reference, reference_state, resolve_choice,
                                           write_reference)
-from engine.methods import get_method_class
-from engine.models.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
 from engine.models.loading import weights_digest
 from engine.progress import Progress
+from engine.report.bias import fleet_headline, write_reports
+from engine.report.dashboard import render_dashboard
+from engine.report.summary import audit_states, headline, write_summary
+from engine.runtime.cluster import start_ray
+from engine.runtime.fleet import resolve_classifier, resolve_explainer, resolve_generator, resolve_oracle
+from engine.runtime.host import ModelHost, peak_rss_mib, pick_device
+from engine.runtime.host_start import probe_host
 from engine.runtime.plan import WorkUnit, plan_units, select_queries
+from engine.runtime.scheduler import run_scheduled
 from engine.spec.audit import AuditSpec
 from engine.store.commit import Claim, check_unclaimed
+from engine.store.frames import write_frame
 from engine.store.results import result_files
 from engine.store.uri import check_writable, join, write_bytes_atomic
 from engine.workflows.preflight import PROBE_QUERIES, check_claim, check_fleet, check_split
@@ -56,22 +65,14 @@ def check_confounders(spec: AuditSpec, oracle, log: Callable[[str], None]) -> No
 
 def write_failures(out: str, failed: list[tuple[str, str]]) -> None:
     """<out>/reports/failures.parquet: this run's units that failed every retry (empty when none did)."""
-    import io
-
     frame = pl.DataFrame({"unit_id": [u for u, _ in failed], "error": [e for _, e in failed]},
                          schema={"unit_id": pl.String, "error": pl.String})
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer)
-    write_bytes_atomic(join(out, "reports", "failures.parquet"), buffer.getvalue())
+    write_frame(join(out, "reports", "failures.parquet"), frame)
 
 
 def write_account(out: str, result: AuditResult) -> None:
     """<out>/reports/account.json: this run's driver peak RSS, and per host its units, model loads, peak resident
     models and peak RSS (MiB); `model_loads` per model id."""
-    import json
-
-    from engine.runtime.host import peak_rss_mib
-
     result.account = {"hosts": [], "model_loads": {}, **result.account,
                       "driver_peak_rss_mib": round(peak_rss_mib(), 1), "units_done": result.units_done,
                       "units_failed": len(result.units_failed),
@@ -103,8 +104,6 @@ class ResolvedModels:
 def resolve_models(spec: AuditSpec, source, query_ids, log: Callable[[str], None]) -> ResolvedModels:
     """Train or fetch every built-in model once (so the hosts only read the cache), load the user's files, and dry
     run each on a few queries; return what the rest of the job needs, not the models."""
-    from engine.runtime.host import pick_device
-
     generator = None
     if spec.generator is not None:
         generator = resolve_generator(spec.generator, spec.dataset, spec.runtime.cache_dir, log=log)
@@ -177,10 +176,6 @@ def audit(spec: AuditSpec, log: Callable[[str], None] = print, progress: bool = 
 def _run(spec: AuditSpec, claim: Claim, units: list[WorkUnit], todo: list[WorkUnit], stages: Stages,
          models: "ResolvedModels", log: Callable[[str], None], progress: bool, summary: Callable[[str], None]) -> AuditResult:
     """The claimed part of an audit: the units still to run, through Ray, then the reports."""
-    from engine.report.bias import fleet_headline, write_reports
-    from engine.report.dashboard import render_dashboard
-    from engine.report.summary import audit_states, headline, write_summary
-
     result = AuditResult(spec.output, len(units), len(units) - len(todo), 0)
     if todo:
         with stages.stage("explain"):
@@ -225,11 +220,6 @@ def run_units(spec: AuditSpec, todo: list[WorkUnit], models: "ResolvedModels", r
               log: Callable[[str], None], progress: bool) -> None:
     """Run the units on `runtime.num_actors` ModelHosts, each unit routed to the host holding its model
     (engine.runtime.scheduler); count what each reported in `result`, and the hosts' account."""
-    from engine.runtime.cluster import start_ray
-    from engine.runtime.host import ModelHost
-    from engine.runtime.host_start import probe_host
-    from engine.runtime.scheduler import run_scheduled
-
     log(f"  starting Ray and {spec.runtime.num_actors} model host(s)")
     start_ray(spec.runtime.address, include_dashboard=spec.runtime.include_dashboard)
     threads = max(1, int(spec.runtime.num_cpus_per_actor))

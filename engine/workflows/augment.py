@@ -8,7 +8,6 @@ and atomically: re-running the job never duplicates a sample. A sample's label i
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,10 +21,14 @@ import torch
 
 from engine.data import load_dataset
 from engine.data.base import ArrayDataset
+from engine.metrics.features import domain_extractor
 from engine.metrics.plausibility import KnnPlausibility
+from engine.runtime.host import pick_device
 from engine.spec.augment import AugmentSpec, PlausibilitySpec
+from engine.store.frames import write_arrow, write_frame
 from engine.store.results import result_files
 from engine.store.uri import filesystem, join, write_bytes_atomic
+from engine.workflows.audit import audit
 from engine.workflows.stages import Stages
 
 AUGMENTED_VERSION = 1
@@ -72,8 +75,6 @@ def feature_function(data: ArrayDataset, spec: AugmentSpec, device: torch.device
     """Features for the plausibility filter: the domain extractor's for images, the encoded record for tables."""
     if data.kind != "image":
         return (lambda x: x.flatten(1).float()), "raw features"
-    from engine.metrics.features import domain_extractor
-
     extractor = domain_extractor(spec.dataset.name, spec.dataset.options, spec.runtime.cache_dir, device, log)
     return extractor, extractor.name
 
@@ -144,8 +145,6 @@ def augmented_table(rows: pl.DataFrame, x: np.ndarray, score: np.ndarray, split:
 
 def collect(spec: AugmentSpec, log: Callable[[str], Any] = print) -> AugmentResult:
     """Keep the valid, plausible counterfactuals of every results shard (see the module doc)."""
-    from engine.runtime.host import pick_device
-
     out = spec.output
     result = AugmentResult(out)
     files = result_files(out)
@@ -170,10 +169,8 @@ def collect(spec: AugmentSpec, log: Callable[[str], Any] = print) -> AugmentResu
         x_cf = table.column("x_cf").combine_chunks().to_numpy_ndarray()
         valid, kept, score = keep_counterfactuals(rows, x_cf, plausibility, features)
         target_uri = augmented_uri(out, uri)
-        buffer = io.BytesIO()
-        pq.write_table(augmented_table(rows.filter(pl.Series(kept)), x_cf[kept], score[kept], spec.queries.split,
-                                       meta), buffer, compression="zstd")
-        write_bytes_atomic(target_uri, buffer.getvalue())
+        write_arrow(target_uri, augmented_table(rows.filter(pl.Series(kept)), x_cf[kept], score[kept],
+                                                spec.queries.split, meta), compression="zstd")
         result.files.append(target_uri)
         counts.append({"model_id": rows["model_id"][0] if rows.height else "", "method": rows["method"][0]
                        if rows.height else "", "generated": rows.height, "valid": int(valid.sum()),
@@ -181,9 +178,7 @@ def collect(spec: AugmentSpec, log: Callable[[str], Any] = print) -> AugmentResu
     frame = pl.DataFrame(counts).group_by(["model_id", "method"]).sum().sort(["model_id", "method"])
     frame = frame.with_columns((pl.col("kept") / pl.col("valid")).alias("plausible_rate"),
                                (pl.col("kept") / pl.col("generated")).alias("yield"))
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer)
-    write_bytes_atomic(join(out, "reports", "augmentation_yield.parquet"), buffer.getvalue())
+    write_frame(join(out, "reports", "augmentation_yield.parquet"), frame)
     write_bytes_atomic(join(out, "augmented", "_augment.json"), json.dumps(meta, indent=2).encode())
     result.generated, result.valid, result.kept = (int(frame[c].sum()) for c in ("generated", "valid", "kept"))
     result.yield_table = frame
@@ -194,8 +189,6 @@ def augment(spec: AugmentSpec, log: Callable[[str], Any] = print, progress: bool
             summary: Optional[Callable[[str], Any]] = None) -> AugmentResult:
     """The audit over the training samples, then `collect`; prints the yield per model and method (to `summary`,
     default `log`)."""
-    from engine.workflows.audit import audit
-
     audited = audit(spec.audit_spec(), log=log, progress=progress)
     stages = Stages(log)
     with stages.stage("collect"):

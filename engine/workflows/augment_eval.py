@@ -14,7 +14,6 @@ over seeds to <out>/reports/augmentation.parquet (and every run to augmentation_
 """
 from __future__ import annotations
 
-import io
 import math
 import time
 from typing import Any, Callable, Optional
@@ -29,8 +28,11 @@ from engine.explain import build_queries, bundle_for
 from engine.methods import make_method
 from engine.models.handles import ClassifierHandle, ModelBundle
 from engine.models.zoo import get_or_train
+from engine.report.dashboard import render_dashboard
+from engine.runtime.host import pick_device
 from engine.spec.augment import AugmentSpec
-from engine.store.uri import join, write_bytes_atomic
+from engine.store.frames import write_frame
+from engine.store.uri import join
 from engine.workflows.augment import feature_function, fit_plausibility
 
 
@@ -80,8 +82,6 @@ def evaluate(spec: AugmentSpec, log: Callable[[str], Any] = print,
              summary: Optional[Callable[[str], Any]] = None) -> pl.DataFrame:
     """Run the protocol over every seed and method; returns the per-arm summary (also written). `summary`
     (default: `log`) gets the closing table and the dashboard's path."""
-    from engine.runtime.host import pick_device
-
     closing = summary or log
 
     ev = spec.augment.evaluation
@@ -139,13 +139,9 @@ def evaluate(spec: AugmentSpec, log: Callable[[str], Any] = print,
                              pl.lit(feature_name).alias("plausibility_features"),
                              pl.lit(spec.augment.plausibility.filter).alias("plausibility_filter")))
     for name, table in (("augmentation", summary), ("augmentation_runs", frame)):
-        buffer = io.BytesIO()
-        table.write_parquet(buffer)
-        write_bytes_atomic(join(spec.output, "reports", f"{name}.parquet"), buffer.getvalue())
+        write_frame(join(spec.output, "reports", f"{name}.parquet"), table)
     with pl.Config(tbl_rows=50, float_precision=4):
         closing(str(summary.select("arm", "seeds", "n_initial", "n_added", "accuracy_mean", "accuracy_std")))
-    from engine.report.dashboard import render_dashboard
-
     try:
         closing(f"dashboard: {render_dashboard(spec.output)}")
     except Exception as err:  # the reports are written; a page that fails loses nothing

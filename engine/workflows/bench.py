@@ -10,8 +10,8 @@ import torch
 
 from engine.data import load_dataset
 from engine.methods import make_method
-from engine.models.fleet import resolve_classifier, resolve_generator, resolve_oracle
 from engine.models.handles import ModelBundle
+from engine.runtime.fleet import resolve_classifier, resolve_generator, resolve_oracle
 from engine.runtime.host import pick_device
 from engine.runtime.plan import select_queries
 from engine.spec import AuditSpec, load_spec

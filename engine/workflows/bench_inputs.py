@@ -8,11 +8,19 @@ import json
 import os
 import shutil
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from engine.models.architectures import CNNClassifier
 
 Log = Callable[[str], Any]
 IMAGE_CLASSES = ["dark-patch", "bright-patch"]
@@ -41,8 +49,6 @@ def _hash(rows: np.ndarray, seed: int, field: int) -> np.ndarray:
 
 def _bases(size: int, seed: int) -> np.ndarray:
     """BASES smooth RGB images [BASES, size, size, 3] uint8: 6x6 noise upsampled bicubically."""
-    import torch
-
     low = torch.from_numpy(np.random.default_rng(seed).random((BASES, 3, 6, 6), dtype=np.float32))
     up = torch.nn.functional.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp_(0, 1)
     return (up * 255).round().byte().permute(0, 2, 3, 1).contiguous().numpy()
@@ -79,8 +85,6 @@ def image_rows(start: int, count: int, size: int = 64, seed: int = 0,
 
 
 def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")  # PIL's defaults, as `datasets` encodes an Image feature
     return buffer.getvalue()
@@ -88,8 +92,6 @@ def _png(image: np.ndarray) -> bytes:
 
 def image_schema(split_column: bool = False):
     """Hugging Face's layout of an Image + ClassLabel dataset, with the `huggingface` features metadata."""
-    import pyarrow as pa
-
     features = {"image": {"_type": "Image"}, "label": {"names": IMAGE_CLASSES, "_type": "ClassLabel"}}
     fields = [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())]
     if split_column:
@@ -107,9 +109,6 @@ def write_images_parquet(directory: os.PathLike, rows: int, *, size: int = 64, s
     Batches are drawn, encoded and written one at a time, so memory is one batch, whatever `rows`.
     split_column: add a `split` column, "test" on odd rows and "train" on even ones (test split = rows // 2).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if rows < 1 or batch_rows < 1 or rows_per_file < 1:
         raise ValueError(f"Expected rows, batch_rows and rows_per_file >= 1 but got {rows}, {batch_rows}, "
                          f"{rows_per_file}")
@@ -177,13 +176,6 @@ def build_cnn_fleet(root: os.PathLike, count: int, *, size: int = 64, seed: int 
     accuracy at width 8, ~1 s a step on 2 CPU cores). train_steps=0: random-init, deterministic.
     Width 16, fc_hidden (512, 64) at 64 px: 4.3M parameters, a 16.2 MiB file.
     """
-    import warnings
-
-    import torch
-    import torch.nn.functional as F
-
-    from engine.models.architectures import CNNClassifier
-
     key = f"cnn-{size}px-w{width}-fc{'x'.join(map(str, fc_hidden))}-steps{train_steps}-seed{seed}"
     directory = Path(root) / key
     directory.mkdir(parents=True, exist_ok=True)

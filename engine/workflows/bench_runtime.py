@@ -24,6 +24,16 @@ from typing import Callable, Optional
 
 import torch
 
+from engine.data import open_split
+from engine.explain import explain_unit
+from engine.methods import make_method
+from engine.metrics.per_query import MetricOptions
+from engine.models.handles import ModelBundle
+from engine.runtime.fleet import resolve_classifier
+from engine.runtime.plan import plan_units, select_queries
+from engine.spec import AuditSpec, parse_spec
+from engine.store.results import shard_uri, write_shard
+from engine.workflows.audit import audit
 from engine.workflows.bench_inputs import build_cnn_fleet, cached_images, default_data_dir
 
 IMAGE_SIZE = 32
@@ -49,17 +59,6 @@ def run_one(queries: int, batch_size: int, pool: Optional[int] = None,
             data_dir: Optional[os.PathLike] = None) -> dict:
     """In this process: the Ray audit, then the same units directly. Returns the figures as a dict.
     pool: test images the queries are drawn from (default: `queries`, every test image is a query)."""
-    from engine.data import open_split
-    from engine.explain import explain_unit
-    from engine.methods import make_method
-    from engine.metrics.per_query import MetricOptions
-    from engine.models.fleet import resolve_classifier
-    from engine.models.handles import ModelBundle
-    from engine.runtime.plan import plan_units, select_queries
-    from engine.spec import AuditSpec, parse_spec
-    from engine.store.results import shard_uri, write_shard
-    from engine.workflows.audit import audit
-
     pool = queries if pool is None else pool
     data_path, model = runtime_inputs(pool, data_dir)
     torch.set_num_threads(1)

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import yaml
+
 from engine.workflows.bench_inputs import build_cnn_fleet, cached_images, default_data_dir, model_size_mib
 
 Log = Callable[[str], Any]
@@ -114,8 +116,6 @@ def run_audit(spec: dict, workdir: Path, label: str, log: Log) -> tuple[dict, fl
     Run max: wait4's ru_maxrss, the largest of the audit process and the descendants it reaped (Ray's, hosts
     included), over the whole run. The account's driver peak is taken when the explain stage ends, so a run max
     well above every peak in the account points at the report stage (or Ray's own processes)."""
-    import yaml
-
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(spec["output"], ignore_errors=True)  # else a re-run resumes the last one's units: nothing to run
     spec_path, log_path = workdir / f"{label}.yaml", workdir / f"{label}.log"

@@ -20,9 +20,9 @@ from engine.data import load_dataset
 from engine.explain import explain_unit
 from engine.methods import config_hash, make_method
 from engine.metrics.per_query import MetricOptions
-from engine.models.fleet import resolve_classifier
 from engine.models.handles import ModelBundle
 from engine.runtime.cluster import start_ray
+from engine.runtime.fleet import resolve_classifier
 from engine.runtime.host import pick_device
 from engine.runtime.plan import select_queries
 from engine.spec import AuditSpec, parse_spec

@@ -9,9 +9,14 @@ from typing import Any, Optional
 import torch
 
 from engine.data.base import ArrayDataset
+from engine.explain import bundle_for
+from engine.methods import make_method
 from engine.models.adapters import declared_output, input_hint, looks_like_probabilities
 from engine.models.handles import ClassifierHandle, GeneratorHandle, ModelBundle
 from engine.models.loading import error_line
+from engine.store.commit import read_record
+from engine.store.uri import exists, join
+from engine.targets import resolve_targets
 
 PROBE_QUERIES = 16  # queries each classifier sees in the dry run: enough to catch NaN, cheap for any model
 log = logging.getLogger(__name__)
@@ -20,9 +25,6 @@ log = logging.getLogger(__name__)
 def check_claim(directory: str, marker: str, spec: Any, what: str) -> None:
     """Refuse early (before training) when `directory` holds another spec's `what`; the marker is written
     later by `stages.claim_directory`, once the job is known to be runnable."""
-    from engine.store.commit import read_record
-    from engine.store.uri import exists, join
-
     uri = join(directory, marker)
     if spec.overwrite or not exists(uri):
         return
@@ -80,8 +82,6 @@ def check_split(source: Any, split: str, query_ids: torch.Tensor, block_rows: in
 def check_classifier(handle: ClassifierHandle, data: ArrayDataset, query_ids: torch.Tensor,
                      targets: Any) -> None:
     """A dry run on a few real queries: the logits' shape, their finiteness, and that targets resolve."""
-    from engine.targets import resolve_targets
-
     ids = query_ids[:PROBE_QUERIES]
     x = data.x[ids].to(next(iter(handle.module.parameters()), torch.empty(0)).device)
     name = f"model {handle.model_id!r}"
@@ -131,9 +131,6 @@ def check_generator(generator: GeneratorHandle, input_shape: tuple[int, ...]) ->
 
 def check_methods(entries: list[Any], bundle: ModelBundle) -> None:
     """Each method's own requirements (an encoder, attribute-informed latent, an explainer, ...)."""
-    from engine.explain import bundle_for
-    from engine.methods import make_method
-
     for i, entry in enumerate(entries):
         method = make_method(entry.name, entry.params)
         try:

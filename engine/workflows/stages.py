@@ -6,6 +6,9 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from engine.store.commit import read_record
+from engine.store.uri import exists, filesystem, join, write_bytes_atomic
+
 
 class Stages:
     def __init__(self, log: Callable[[str], None] = print) -> None:
@@ -32,9 +35,6 @@ def claim_directory(directory: str, marker: str, spec: Any, what: str,
                     log: Callable[[str], None] = lambda *_: None) -> None:
     """Refuse to mix a job's output with another spec's: <directory>/<marker> records the spec hash; a
     different hash is an error unless `spec.overwrite`, which clears the directory first."""
-    from engine.store.commit import read_record
-    from engine.store.uri import exists, filesystem, join, write_bytes_atomic
-
     uri = join(directory, marker)
     record = {"name": spec.name, "spec_hash": spec.spec_hash(), "spec": spec.model_dump(mode="json")}
     if exists(uri):

@@ -10,7 +10,6 @@ Writes under <output>/sweeps/<name>/:
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -19,11 +18,22 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import polars as pl
+import ray
 import torch
 from ray import tune
 
+from engine.data import load_dataset
+from engine.metrics.fid_reference import reference_state, resolve_choice
+from engine.models.cache import default_cache_dir
+from engine.report.sweep_page import render_sweep_page
+from engine.runtime.cluster import start_ray
+from engine.runtime.plan import select_queries
 from engine.spec.sweep import SweepSpec
-from engine.store.uri import filesystem, is_local, join, write_bytes_atomic
+from engine.store.frames import write_frame
+from engine.store.uri import check_writable, filesystem, is_local, join
+from engine.tune.pareto import extremes, knee_scores, recommend
+from engine.tune.space import param_space, plain, search_alg
+from engine.tune.trainable import TrialContext, TrialRunner, trainable
 from engine.workflows.preflight import check_claim, check_dataset, check_fleet
 from engine.workflows.stages import Stages, claim_directory
 
@@ -69,8 +79,6 @@ def claim_sweep(spec: SweepSpec, directory: str, log: Callable[[str], Any]) -> N
 
 def check_resources(spec: SweepSpec, log: Callable[[str], Any]) -> None:
     """A trial that asks for more than a local Ray has would wait forever: refuse it, naming the field."""
-    import ray
-
     total, free = ray.cluster_resources(), ray.available_resources()
     for key, name in (("CPU", "cpu"), ("GPU", "gpu")):
         want = float(getattr(spec.resources, name))
@@ -87,12 +95,6 @@ def check_resources(spec: SweepSpec, log: Callable[[str], Any]) -> None:
                 "the rest); trials start as they free up")
 
 
-def _write_parquet(uri: str, frame: pl.DataFrame) -> None:
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer)
-    write_bytes_atomic(uri, buffer.getvalue())
-
-
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_[0-9a-f]+)_\d+_")
 TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date", "time_this_iter_s",
              "time_total_s", "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
@@ -105,8 +107,6 @@ def _quiet(*_: Any) -> None:
 
 def trial_frame(grid, spec: SweepSpec) -> pl.DataFrame:
     """One row per trial of a Tune ResultGrid, sorted by trial index."""
-    from engine.tune.space import plain
-
     rows = []
     for result in grid:
         metrics = dict(result.metrics or {})
@@ -135,8 +135,6 @@ def trial_frame(grid, spec: SweepSpec) -> pl.DataFrame:
 
 def front_frame(trials: pl.DataFrame, spec: SweepSpec) -> tuple[pl.DataFrame, Optional[dict[str, Any]]]:
     """(pareto frame, recommended trial's row or None) over the finished trials."""
-    from engine.tune.pareto import knee_scores, recommend
-
     done = trials.filter(pl.col("status") == "TERMINATED")
     metrics = [o.metric for o in spec.objectives]
     modes = [o.mode for o in spec.objectives]
@@ -160,8 +158,6 @@ def front_frame(trials: pl.DataFrame, spec: SweepSpec) -> tuple[pl.DataFrame, Op
 
 def example_points(pareto: pl.DataFrame, spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
     """The front's two ends (best on the first two objectives) and the recommended trial, labelled, deduplicated."""
-    from engine.tune.pareto import extremes
-
     front = pareto.filter(pl.col("on_front"))
     metrics = [o.metric for o in spec.objectives][:2]
     modes = [o.mode for o in spec.objectives][:2]
@@ -231,16 +227,6 @@ def sweep(spec: SweepSpec, log: Callable[[str], Any] = print, progress: bool = T
           callbacks: Optional[list] = None, summary: Optional[Callable[[str], Any]] = None) -> SweepResult:
     """Run (or resume) the sweep; `callbacks` are extra ray.tune.Callback objects for a fresh run. `summary`
     (default: `log`) gets the closing lines: the trial table, the recommendation and where the files are."""
-    from engine.data import load_dataset
-    from engine.metrics.fid_reference import reference_state, resolve_choice
-    from engine.models.cache import default_cache_dir
-    from engine.report.sweep_page import render_sweep_page
-    from engine.runtime.cluster import start_ray
-    from engine.runtime.plan import select_queries
-    from engine.store.uri import check_writable
-    from engine.tune.space import param_space, search_alg
-    from engine.tune.trainable import TrialContext, TrialRunner, trainable
-
     directory = sweep_dir(spec)
     storage = tune_storage(directory)
     check_writable(spec.output)
@@ -294,7 +280,7 @@ def sweep(spec: SweepSpec, log: Callable[[str], Any] = print, progress: bool = T
                                           failure_config=tune.FailureConfig(max_failures=spec.runtime.max_retries)))
         grid = tuner.fit()
         trials = trial_frame(grid, spec)
-        _write_parquet(join(directory, "trials.parquet"), trials)
+        write_frame(join(directory, "trials.parquet"), trials)
     finished = int(trials["status"].is_in(FINISHED).sum()) if trials.height else 0
     result = SweepResult(directory, trials, complete=finished >= spec.expected_trials())
     summary = summary or log
@@ -305,7 +291,7 @@ def sweep(spec: SweepSpec, log: Callable[[str], Any] = print, progress: bool = T
         return result
     with stages.stage("pareto"):
         result.pareto, result.recommended = front_frame(trials, spec)
-        _write_parquet(join(directory, "pareto.parquet"), result.pareto)
+        write_frame(join(directory, "pareto.parquet"), result.pareto)
     if spec.examples > 0 and result.pareto.height:
         with stages.stage("examples"):
             frames = []
@@ -316,7 +302,7 @@ def sweep(spec: SweepSpec, log: Callable[[str], Any] = print, progress: bool = T
                     frames.append(frame.with_columns(pl.lit(label).alias("point"), pl.lit(row["trial_id"]).alias(
                         "trial_id"), pl.lit(json.dumps(config, sort_keys=True)).alias("config")))
             if frames:
-                _write_parquet(join(directory, "examples.parquet"), pl.concat(frames, how="diagonal_relaxed"))
+                write_frame(join(directory, "examples.parquet"), pl.concat(frames, how="diagonal_relaxed"))
     with stages.stage("page"):
         try:
             result.page = render_sweep_page(directory)

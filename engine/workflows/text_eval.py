@@ -1,7 +1,7 @@
 """The text figures (issue 13): Gradual Construction on held-out sentences, its Eq. 12 ablation, and AIP.
 
 `text_figures(spec)` trains (or takes from the model cache) the spec's CNN and text VAE exactly as
-`cfaudit audit` does (engine.models.fleet), explains the spec's held-out queries with the same code path as a
+`cfaudit audit` does (engine.runtime.fleet), explains the spec's held-out queries with the same code path as a
 work unit (engine.explain.explain_unit, no Ray) and returns:
   accuracy          the classifier's accuracy on the whole held-out split
   gc / gc_eq12      flip ratio, mean words changed over valid counterfactuals, and the share of inserted words
@@ -27,8 +27,8 @@ from engine.explain import explain_unit
 from engine.methods import config_hash, make_method
 from engine.metrics.per_query import MetricOptions
 from engine.metrics.polarity import chance_rate, polarity_rate, vader_lexicon
-from engine.models.fleet import resolve_classifier, resolve_generator
 from engine.models.handles import ModelBundle
+from engine.runtime.fleet import resolve_classifier, resolve_generator
 from engine.runtime.plan import select_queries
 from engine.spec.audit import AuditSpec
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-
 from engine.data import dataset_fingerprint, load_dataset
-from engine.models.fleet import resolve_classifier
+from engine.models.explainer_training import RUN_OPTIONS, get_or_train_explainer, make_explainer_config
+from engine.models.zoo import get_or_train
+from engine.runtime.explainer_train import train_explainer
+from engine.runtime.fleet import resolve_classifier, resolve_explainer
 from engine.spec import AuditSpec, SpecError, load_spec
 from engine.spec.loading import read_yaml
 from engine.spec.train import DEFAULT_ARCH, TrainSpec
@@ -15,8 +17,6 @@ from engine.workflows.stages import Stages
 
 def train(spec: TrainSpec, log: Callable[[str], None] = print) -> dict[str, dict]:
     """Returns model id -> the zoo's info (key, cache_hit, path, seconds, history, ...)."""
-    from engine.models.zoo import get_or_train
-
     stages = Stages(log)
     infos: dict[str, dict] = {}
     modules: dict[str, object] = {}
@@ -41,12 +41,10 @@ def train(spec: TrainSpec, log: Callable[[str], None] = print) -> dict[str, dict
 
 def _train_explainer(entry, classifier, data, cache_dir, log: Callable[[str], None]) -> dict:
     """A train spec's `exaggeration` entry: the explainer of an earlier classifier entry."""
-    from engine.models.explainer_training import RUN_OPTIONS, get_or_train_explainer, make_explainer_config
-
     run = {k: v for k, v in entry.train_kwargs().items() if k in RUN_OPTIONS}
     config = make_explainer_config(entry.train_kwargs_without(RUN_OPTIONS))
     _, info = get_or_train_explainer(classifier, data, dataset_fingerprint(data), config, seed=entry.seed,
-                                     cache_dir=cache_dir, log=log, **run)
+                                     cache_dir=cache_dir, log=log, train=train_explainer, **run)
     history = info["history"]
     loss = (f"rec {history[0]['rec']:.4g} -> {history[-1]['rec']:.4g}, kl {history[0]['kl']:.4g} -> "
             f"{history[-1]['kl']:.4g}") if history else "no history"
@@ -58,8 +56,6 @@ def _train_explainer(entry, classifier, data, cache_dir, log: Callable[[str], No
 def train_fleet(spec: AuditSpec, log: Callable[[str], None] = print) -> None:
     """The built-in classifiers of an audit spec (and their explainers), trained now so the audit only reads
     the cache."""
-    from engine.models.fleet import resolve_explainer
-
     stages = Stages(log)
     explainer = spec.explainer_entry()
     with stages.stage("train fleet"):

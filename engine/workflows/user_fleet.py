@@ -96,7 +96,7 @@ def image_models(directory: Path, epochs: int, log: Callable[[str], Any]) -> lis
 
 def record_models(directory: Path, log: Callable[[str], Any]) -> list[dict]:
     """Fit and save the two tree ensembles on German credit's encoded records; return their fleet entries."""
-    import lightgbm
+    import lightgbm  # deferred: the optional extra `frameworks` (tree ensembles)
     import skops.io
     from sklearn.ensemble import GradientBoostingClassifier
 

@@ -145,7 +145,7 @@ def units(draw):
     probs = torch.full((n, 6), 1 / 6)
     series = {"desired": tensors(draw, n, 3), "achieved": tensors(draw, n, 3)} if draw(st.booleans()) else {}
     cf = CFBatch(x_cf=tensors(draw, n, 3, 2, 2), success=success, p_orig=probs, p_cf=probs, target=target,
-                 n_iter=torch.zeros(n, dtype=torch.long), status=["ok"] * n, extras=series,
+                 n_iter=torch.zeros(n, dtype=torch.long), status=["ok"] * n, **series,
                  explanation=tensors(draw, n, 3, 2, 2) if draw(st.booleans()) else None)
     return QueryBatch(x=x, target=target, query_id=torch.arange(n), label=torch.full((n,), -1), seed=0), cf
 

@@ -78,14 +78,20 @@ class RowWise(nn.Module):
             self.encode = lambda x: self._rows(inner.encode, x)
 
     @staticmethod
-    def _rows(fn, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(x[i:i + 1]) for i in range(len(x))]) if len(x) else fn(x)
+    def _rows(fn, *args):
+        """fn on each row of its tensor arguments (None passes through); tuple outputs are concatenated per part."""
+        if not len(args[0]):
+            return fn(*args)
+        outs = [fn(*(a if a is None else a[i:i + 1] for a in args)) for i in range(len(args[0]))]
+        if isinstance(outs[0], tuple):
+            return tuple(None if part[0] is None else torch.cat(part) for part in zip(*outs))
+        return torch.cat(outs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._rows(self.inner, x)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self._rows(self.inner.decode, z)
+    def decode(self, z: torch.Tensor, *a: torch.Tensor) -> torch.Tensor:
+        return self._rows(self.inner.decode, z, *a)
 
 
 class NaNNear(nn.Module):

@@ -129,8 +129,8 @@ def test_steps_follow_eq6_with_decayed_step_sizes(clamp: bool) -> None:
         torch.testing.assert_close(out.a_cf[i], a, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(out.x_cf, bundle.generator.decode(out.z_cf, out.a_cf))
-    torch.testing.assert_close(out.extras["attribute_delta"], out.a_cf - out.a0)
-    assert out.extras["attribute_names"] == ["p", "q"]
+    torch.testing.assert_close(out.attribute_delta, out.a_cf - out.a0)
+    assert out.attribute_names == ["p", "q"]
 
 
 def test_budget_status_names_n_max() -> None:
@@ -139,7 +139,7 @@ def test_budget_status_names_n_max() -> None:
     out = make_method("aip", {"n_max": 4, "mu": 1e-4, "gamma": 1e-4}).explain(q, bundle)
     budget = [i for i, s in enumerate(out.status) if s == STATUS_BUDGET]
     assert len(budget) == 3 and all(out.n_iter[i] == 4 and not out.success[i] for i in budget)
-    assert all("n_max=4" in out.extras["reason"][i] for i in budget)
+    assert all("n_max=4" in out.reason[i] for i in budget)
 
 
 # --- the shared fixtures: the confounded CNN on shapes --------------------------------------------------------
@@ -169,8 +169,8 @@ def test_counterfactuals_stay_on_the_manifold_where_fgsm_does_not(confounded_run
 def test_the_marker_is_the_attribute_aip_changes_most(confounded_run, shapes_oracle) -> None:
     """§4.6.1 (Fig. 9): the scale of a_cf − a0 names the attribute the decision hinges on."""
     q, _, out = confounded_run
-    delta = out.extras["attribute_delta"]
-    names = out.extras["attribute_names"]
+    delta = out.attribute_delta
+    names = out.attribute_names
     assert delta.shape == (len(q), len(names)) and out.a0.shape == out.a_cf.shape == delta.shape
     ranking = [names[i] for i in delta.abs().mean(0).argsort(descending=True).tolist()]
     assert ranking[0] == "marker"
@@ -184,8 +184,8 @@ def test_the_marker_is_the_attribute_aip_changes_most(confounded_run, shapes_ora
 def test_a_fair_classifier_does_not_point_at_the_marker(fair_cnn, shapes_attribute_autoencoder, shapes_test):
     q = flipped(fair_cnn, shapes_test.x[:40])
     out = make_method("aip").explain(q, ModelBundle(classifier=fair_cnn, generator=shapes_attribute_autoencoder))
-    scale = out.extras["attribute_delta"].abs().mean(0)
-    marker = out.extras["attribute_names"].index("marker")
+    scale = out.attribute_delta.abs().mean(0)
+    marker = out.attribute_names.index("marker")
     assert scale.argmax() != marker and scale[marker] < 0.5 * scale.max()
 
 

@@ -59,11 +59,11 @@ def test_outputs_series_saliency_and_compatibility_figures(bundle, shapes_test) 
     assert out.path.shape == (b, s, *q.x.shape[1:]) and out.x_cf.shape == q.x.shape
     assert out.explanation.shape == q.x.shape
     assert out.explanation.min() >= 0 and torch.allclose(out.explanation.flatten(1).amax(1), torch.ones(b))
-    assert out.extras["desired"].shape == out.extras["achieved"].shape == (b, s)
-    torch.testing.assert_close(out.extras["desired"][0], (torch.arange(s) + 0.5) / s)
+    assert out.desired.shape == out.achieved.shape == (b, s)
+    torch.testing.assert_close(out.desired[0], (torch.arange(s) + 0.5) / s)
     with torch.no_grad():
         f = torch.softmax(bundle.classifier.logits(out.path.flatten(0, 1)), 1)[:, 1].view(b, s)
-    torch.testing.assert_close(out.extras["achieved"], f)
+    torch.testing.assert_close(out.achieved, f)
     assert (out.n_iter == s).all() and out.n_iter.dtype == torch.int64
     # x_cf is the series' end on the target's side: the top bin for class 1, the bottom bin for class 0
     end = torch.where(q.target == 1, s - 1, 0)
@@ -72,7 +72,7 @@ def test_outputs_series_saliency_and_compatibility_figures(bundle, shapes_test) 
     assert all((st == STATUS_OK) == bool(v) for st, v in zip(out.status, out.success))
     assert (out.p_cf.argmax(1)[out.success] == q.target[out.success]).all()
     assert all(("not classified as the target" in r) == (st == STATUS_BUDGET)
-               for r, st in zip(out.extras["reason"], out.status))
+               for r, st in zip(out.reason, out.status))
     assert out.x_cf.min() >= 0 and out.x_cf.max() <= 1
 
 
@@ -82,8 +82,8 @@ def test_requested_deltas(bundle, shapes_test) -> None:
     with torch.no_grad():
         f0 = torch.softmax(bundle.classifier.logits(q.x), 1)[:, 1]
     want = (f0[:, None] + torch.tensor([-1.0, 0.0, 0.25, 1.0])).clamp(0, 1)
-    torch.testing.assert_close(out.extras["desired"], want)
-    assert out.path.shape[1] == 4 and out.extras["bins"][:, 0].eq(0).all() and out.extras["bins"][:, 3].eq(9).all()
+    torch.testing.assert_close(out.desired, want)
+    assert out.path.shape[1] == 4 and out.bins[:, 0].eq(0).all() and out.bins[:, 3].eq(9).all()
     with pytest.raises(ValueError, match="exaggeration.deltas"):
         make_method("exaggeration", {"deltas": [2.0]})
 
@@ -98,7 +98,7 @@ def test_batch_equals_single_calls_and_runs_are_deterministic(bundle, shapes_tes
         single = method.explain(q.select(slice(i, i + 1)), bundle)
         assert single.status == batched.status[i:i + 1]
         torch.testing.assert_close(single.path[0], batched.path[i], rtol=0, atol=1e-4)
-        torch.testing.assert_close(single.extras["achieved"][0], batched.extras["achieved"][i], rtol=0, atol=1e-4)
+        torch.testing.assert_close(single.achieved[0], batched.achieved[i], rtol=0, atol=1e-4)
     chunked = make_method("exaggeration", {"chunk": 2}).explain(q, bundle)
     torch.testing.assert_close(chunked.path, batched.path, rtol=0, atol=1e-5)
 

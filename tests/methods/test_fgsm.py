@@ -37,7 +37,7 @@ def test_one_step_is_the_clipped_signed_gradient_step(digits: Task, eps: float) 
         reached = digits.handle.logits(out.x_cf).argmax(1) == q.target
     assert torch.equal(out.success, reached)
     assert out.status == [STATUS_OK if s else STATUS_BUDGET for s in reached.tolist()]
-    budget = [r for r, s in zip(out.extras["reason"], out.status) if s == STATUS_BUDGET]
+    budget = [r for r, s in zip(out.reason, out.status) if s == STATUS_BUDGET]
     assert all("1 signed step(s) of epsilon" in r for r in budget)
 
 

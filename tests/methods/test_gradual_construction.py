@@ -100,7 +100,7 @@ def test_logits_end_closer_to_the_target_class_mean_than_wachters(runs: str, tas
 
 def test_mask_bookkeeping_on_images(digits: Task, digits_runs) -> None:
     q, gc, _ = digits_runs
-    mask = gc.extras["mask"]
+    mask = gc.mask
     assert mask.shape == q.x.shape and mask.dtype == torch.bool
     blocks = mask.float().view(len(q), 1, 4, 4, 4, 4).mean((3, 5))  # [B, 1, 4, 4] fraction of each 4×4 block
     assert ((blocks == 0) | (blocks == 1)).all()  # masks are whole blocks (§4.3.2)
@@ -112,7 +112,7 @@ def test_mask_bookkeeping_on_images(digits: Task, digits_runs) -> None:
 
 def test_tabular_masks_single_features(cancer_runs) -> None:
     q, gc, _ = cancer_runs
-    mask = gc.extras["mask"]
+    mask = gc.mask
     assert torch.equal(mask.sum(1), gc.n_features)
     assert (l0(gc.x_cf, q.x) <= gc.n_features).all()
     assert torch.equal(gc.x_cf[~mask], q.x[~mask])
@@ -126,7 +126,7 @@ def test_first_mask_is_the_most_salient_block_at_x(digits: Task) -> None:
     p = torch.softmax(digits.handle.logits(x), 1).gather(1, q.target[:, None]).sum()
     (grad,) = torch.autograd.grad(p, x)
     block_saliency = F.avg_pool2d(grad.abs().sum(1, keepdim=True), 4).flatten(1)
-    chosen = F.avg_pool2d(out.extras["mask"].float(), 4).flatten(1).argmax(1)
+    chosen = F.avg_pool2d(out.mask.float(), 4).flatten(1).argmax(1)
     assert torch.equal(chosen, block_saliency.argmax(1))
     assert set(out.status) <= {STATUS_OK, STATUS_BUDGET} and (out.n_features <= 1).all()
 
@@ -135,11 +135,11 @@ def test_recompute_saliency_masks_distinct_blocks_and_succeeds(digits: Task) -> 
     q = random_targets(digits.queries(12, offset=50), 10)
     out = make_method("gradual_construction", {**DIGITS, "recompute_saliency": True}).explain(q, digits.bundle)
     first = make_method("gradual_construction", {"sigma": 5, "max_features": 1}).explain(q, digits.bundle)
-    blocks = F.avg_pool2d(out.extras["mask"].float(), 4).flatten(1)
+    blocks = F.avg_pool2d(out.mask.float(), 4).flatten(1)
     assert torch.equal(blocks.sum(1).long(), out.n_features)  # never re-picks a masked block
     assert out.success.float().mean() > 0.8
     # At step 1 X′ = X, so the recomputed ranking picks the same first block as Alg. 1.
-    first_block = F.avg_pool2d(first.extras["mask"].float(), 4).flatten(1).argmax(1, keepdim=True)
+    first_block = F.avg_pool2d(first.mask.float(), 4).flatten(1).argmax(1, keepdim=True)
     assert (blocks.gather(1, first_block) == 1).all()
 
 
@@ -229,7 +229,7 @@ def test_blocks_span_channels_and_are_cropped_at_borders() -> None:
     target = torch.where((pred == target[:, None]).any(1), target, pred[:6])  # else Eq. 7 has no μ_ct
     q = QueryBatch(x[:6], target, torch.arange(6))
     out = make_method("gradual_construction", {"sigma": 3, "max_features": 9}).explain(q, bundle)
-    mask = out.extras["mask"]
+    mask = out.mask
     assert mask.shape == (6, 3, 10, 10) and torch.equal(mask[:, :1].expand_as(mask), mask)
     padded = F.pad(mask[:, 0].float(), (0, 2, 0, 2))[:, None]
     blocks = F.max_pool2d(padded, 4).flatten(1)

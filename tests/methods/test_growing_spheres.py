@@ -104,7 +104,7 @@ def test_german_credit_counterfactuals_are_valid_sparse_records(credit) -> None:
     assert_records_respect_the_schema(schema, batch.x, cf.x_cf)
     # success is judged on the record the result holds
     assert torch.equal(bundle.classifier.predict(cf.x_cf)[ok], batch.target[ok])
-    assert (cf.n_iter[ok] >= 1).all() and (cf.extras["radius"][ok] > 0).all()
+    assert (cf.n_iter[ok] >= 1).all() and (cf.radius[ok] > 0).all()
 
 
 def test_feature_selection_makes_the_enemy_sparser(credit) -> None:
@@ -193,11 +193,11 @@ def test_alg1_shrinks_the_ball_then_grows_layers() -> None:
             QueryBatch(x[:1], torch.tensor([1]), torch.tensor([0])), bundle))
     near, mid, far = cfs
     assert near.status == mid.status == [STATUS_OK] and far.status == [STATUS_BUDGET]
-    assert near.extras["radius"][0] < 0.1  # η was halved at least once before the layers grew
-    radius = mid.extras["radius"][0].item()  # the first layer (η k, η (k + 1)) holding a point beyond 0.35
+    assert near.radius[0] < 0.1  # η was halved at least once before the layers grew
+    radius = mid.radius[0].item()  # the first layer (η k, η (k + 1)) holding a point beyond 0.35
     assert any(math.isclose(radius, r, abs_tol=1e-6) for r in (0.4, 0.5)) and mid.n_iter[0] == round(radius / 0.1)
     assert 0.35 <= (mid.x_cf - x[:1]).norm().item() <= radius + 1e-6  # beyond the boundary, within the layer
-    assert "data range" in far.extras["reason"][0] and far.n_iter[0] < 500
+    assert "data range" in far.reason[0] and far.n_iter[0] < 500
     assert torch.equal(far.x_cf, x[:1])
 
 
@@ -208,7 +208,7 @@ def test_already_and_budget_statuses_and_the_budget_reason() -> None:
         QueryBatch(x, torch.tensor([0, 1, 0, 1]), torch.arange(4)), bundle)
     assert out.status == [STATUS_ALREADY, STATUS_BUDGET, STATUS_ALREADY, STATUS_BUDGET]
     assert out.n_iter.tolist() == [0, 3, 0, 3]
-    assert "max_layers=3" in out.extras["reason"][1]
+    assert "max_layers=3" in out.reason[1]
     assert torch.equal(out.x_cf, x)
 
 
@@ -263,7 +263,7 @@ def test_records_switch_a_category_and_never_move_against_a_direction() -> None:
                                           for f in schema.features))
     stuck = make_method("growing_spheres").explain(QueryBatch(x, torch.tensor([1, 1]), torch.arange(2)),
                                                    rule_bundle(frozen))
-    assert stuck.status == [STATUS_BUDGET, STATUS_BUDGET] and "no mutable feature" in stuck.extras["reason"][0]
+    assert stuck.status == [STATUS_BUDGET, STATUS_BUDGET] and "no mutable feature" in stuck.reason[0]
     assert stuck.n_iter.tolist() == [0, 0]
 
 

@@ -113,8 +113,8 @@ def test_bisection_beats_a_fixed_lambda(lam: float, attr_bundle, shapes_test) ->
         assert searched.success.float().mean() > fixed.success.float().mean()
     else:            # too large: fixed λ overshoots
         assert d_searched.mean() < d_fixed.mean() - 5.0
-    assert fixed.extras["lambda"][fixed.success].eq(lam).all()
-    assert (searched.extras["lambda"][searched.success] != lam).any()
+    assert fixed.lam[fixed.success].eq(lam).all()
+    assert (searched.lam[searched.success] != lam).any()
 
 
 def test_the_audit_finds_the_confounder(criticisms, shapes_attribute_autoencoder) -> None:
@@ -123,10 +123,10 @@ def test_the_audit_finds_the_confounder(criticisms, shapes_attribute_autoencoder
     names = shapes_attribute_autoencoder.attribute_names
     marker = names.index("marker")
     assert out.success.float().mean() >= 0.9
-    tops = [t for t, ok in zip(out.extras["top_attributes"], out.success.tolist()) if ok]
+    tops = [t for t, ok in zip(out.top_attributes, out.success.tolist()) if ok]
     assert sum("marker" in t for t in tops) >= 0.9 * len(tops)
     assert sum(t[:1] == ["marker"] for t in tops) >= 0.75 * len(tops)
-    mean_change = out.extras["attribute_delta"][out.success].abs().mean(0)
+    mean_change = out.attribute_delta[out.success].abs().mean(0)
     assert mean_change.argmax().item() == marker
     assert mean_change[marker] > 1.5 * mean_change[torch.arange(len(names)) != marker].max()
 
@@ -138,12 +138,12 @@ def test_output_is_the_edit_of_the_query(criticisms, attr_bundle) -> None:
         z, a = gen.encode(q.x)
         torch.testing.assert_close(out.a0, a)
         torch.testing.assert_close(out.x_cf, gen.decode(z, out.a_cf), rtol=0, atol=1e-5)  # x_cf = I(A′*)
-    torch.testing.assert_close(out.extras["attribute_delta"], out.a_cf - out.a0)
+    torch.testing.assert_close(out.attribute_delta, out.a_cf - out.a0)
     assert out.a_cf.min() >= 0.0 and out.a_cf.max() <= 1.0 and out.z0 is None
     assert out.status == [STATUS_OK if s else STATUS_BUDGET for s in out.success.tolist()]
-    lam = out.extras["lambda"]
+    lam = out.lam
     assert torch.isfinite(lam).all() and (lam >= 1e-3).all() and (lam <= 1e4).all()
-    assert not out.extras["prototype"].any()
+    assert not out.prototype.any()
     assert (out.n_iter > 0).all() and (out.n_iter <= FAST["n_rounds"] * FAST["steps"]).all()
 
 
@@ -164,8 +164,8 @@ def test_frozen_attributes_never_change(attr_bundle, shapes_test, shapes_attribu
     # Freezing the confounder leaves the confounded CNN nothing to flip on: the audit's control run.
     out = make_method("introspection", {**FAST, "frozen_attributes": ("marker",)}).explain(q, attr_bundle)
     m = names.index("marker")
-    assert torch.equal(out.a_cf[:, m], out.a0[:, m]) and (out.extras["attribute_delta"][:, m] == 0).all()
-    assert not any("marker" in t for t in out.extras["top_attributes"])
+    assert torch.equal(out.a_cf[:, m], out.a0[:, m]) and (out.attribute_delta[:, m] == 0).all()
+    assert not any("marker" in t for t in out.top_attributes)
     assert out.success.float().mean() <= 0.2
     frozen = [names.index("striped"), names.index("left")]
     out = make_method("introspection", {**FAST, "frozen_attributes": ("striped", "left")}).explain(q, attr_bundle)
@@ -185,7 +185,7 @@ def test_prototypes_raise_the_original_class_confidence(attr_bundle, shapes_test
     q = flips(attr_bundle.classifier, shapes_test, 12, offset=48, same=True)
     out = make_method("introspection", FAST).explain(q, attr_bundle)
     handle, gen = attr_bundle.classifier, attr_bundle.generator
-    assert STATUS_ALREADY not in out.status and out.extras["prototype"].all()
+    assert STATUS_ALREADY not in out.status and out.prototype.all()
     assert 0.25 <= out.success.float().mean()
     ok = out.success
     with torch.no_grad():
@@ -211,8 +211,8 @@ def test_latent_mode_with_an_unconditional_vae(confounded_cnn, shapes_vae, shape
         torch.testing.assert_close(out.z0, shapes_vae.encode(q.x)[0])
         torch.testing.assert_close(out.x_cf, shapes_vae.decode(out.z_cf), rtol=0, atol=1e-5)
     assert out.success.float().mean() >= 0.75
-    assert all(t and all(n.startswith("z") for n in t) for t in out.extras["top_attributes"])
-    torch.testing.assert_close(out.extras["attribute_delta"], out.z_cf - out.z0)
+    assert all(t and all(n.startswith("z") for n in t) for t in out.top_attributes)
+    torch.testing.assert_close(out.attribute_delta, out.z_cf - out.z0)
     with pytest.raises(ValueError, match="needs an attribute-conditioned generator"):
         make_method("introspection", {"mode": "attribute"}).explain(q, bundle)
     with pytest.raises(ValueError, match="need attribute mode"):
@@ -244,15 +244,15 @@ def test_batch_of_n_equals_n_single_calls_and_runs_repeat(criticisms, attr_bundl
     method = make_method("introspection", FAST)
     again = method.explain(q, attr_bundle)
     assert again.status == batched.status and torch.equal(again.x_cf, batched.x_cf)
-    assert torch.equal(again.a_cf, batched.a_cf) and torch.equal(again.extras["lambda"], batched.extras["lambda"])
-    assert again.extras["top_attributes"] == batched.extras["top_attributes"]
+    assert torch.equal(again.a_cf, batched.a_cf) and torch.equal(again.lam, batched.lam)
+    assert again.top_attributes == batched.top_attributes
     for i in (0, 1, 11):
         single = method.explain(q.select(slice(i, i + 1)), attr_bundle)
         assert single.status == batched.status[i:i + 1] and single.n_iter.item() == batched.n_iter[i].item()
         torch.testing.assert_close(single.x_cf[0], batched.x_cf[i], rtol=0, atol=5e-3)
         torch.testing.assert_close(single.a_cf[0], batched.a_cf[i], rtol=0, atol=5e-3)
-        assert single.extras["lambda"][0].item() == pytest.approx(batched.extras["lambda"][i].item())
-        assert single.extras["top_attributes"][0] == batched.extras["top_attributes"][i]
+        assert single.lam[0].item() == pytest.approx(batched.lam[i].item())
+        assert single.top_attributes[0] == batched.top_attributes[i]
 
 
 def test_a_nan_query_is_isolated(attr_bundle, shapes_test) -> None:
@@ -278,4 +278,4 @@ def test_a_nan_query_is_isolated(attr_bundle, shapes_test) -> None:
 def test_empty_batch(attr_bundle, shapes_test) -> None:
     q = flips(attr_bundle.classifier, shapes_test, 2).select(slice(0, 0))
     out = make_method("introspection", FAST).explain(q, attr_bundle)
-    assert len(out) == 0 and out.status == [] and out.extras["top_attributes"] == []
+    assert len(out) == 0 and out.status == [] and out.top_attributes == []

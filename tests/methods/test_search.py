@@ -131,3 +131,14 @@ def test_per_query_losses() -> None:
     assert losses.logit_matching(logits, torch.zeros(2, 3)).tolist() == pytest.approx([5 ** 0.5, 10 ** 0.5])
     a, b = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     assert losses.l1_distance(a, b).tolist() == [4.0, 4.0] and losses.l2_distance(a, b).tolist() == [2.0, 2.0]
+
+
+def test_statuses_rank_nan_already_ok_budget_and_reasons_fill_budget_rows() -> None:
+    from engine.methods.search import reasons, statuses
+
+    t, f = True, False
+    status = statuses(torch.tensor([t, t, f, f, f]), torch.tensor([t, f, t, f, f]), torch.tensor([t, t, t, t, f]))
+    assert status == ["nan", "nan", "already", "ok", "budget"]
+    assert reasons(status, "spent")[3:] == ["", "spent"]
+    assert reasons(status, [f"row {i}" for i in range(5)])[4] == "row 4"  # one text per query
+    assert "non-finite" in reasons(status, "spent")[0] and "already" in reasons(status, "spent")[2]

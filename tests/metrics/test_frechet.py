@@ -110,8 +110,11 @@ def test_errors_name_the_problem():
 
 def test_record_carries_extractor_and_counts():
     rng = np.random.default_rng(6)
-    r = frechet_record(FrechetState.of(rng.normal(size=(10, 2))), FrechetState.of(rng.normal(size=(12, 2))), "x")
-    assert r["extractor"] == "x" and (r["n_a"], r["n_b"], r["dim"]) == (10, 12, 2) and r["fid"] >= 0
+    a, b = rng.normal(size=(10, 2)), rng.normal(size=(12, 2))
+    r = frechet_record(FrechetState.of(a), FrechetState.of(b), "x")
+    assert r["extractor"] == "x" and (r["n_a"], r["n_b"], r["dim"]) == (10, 12, 2)
+    expected = _closed_form(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert r["fid"] == pytest.approx(expected, rel=1e-6) and expected > 0
 
 
 # --- the domain extractor ------------------------------------------------------------------------------------

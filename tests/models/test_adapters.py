@@ -22,8 +22,8 @@ from torch import nn
 from engine.data import load_dataset
 from engine.data.base import ArrayDataset
 from engine.methods import make_method
-from engine.models.adapters import ModelAdapter, adapt_classifier, sigmoid_to_logits
-from engine.models.fleet import resolve_classifier
+from engine.models.adapters import ModelAdapter, sigmoid_to_logits
+from engine.runtime.fleet import adapt_classifier, resolve_classifier
 from engine.models.handles import ClassifierHandle, ModelBundle
 from engine.models.loading import classifier_handle_from_module
 from engine.spec import AuditSpec, SpecError, parse_spec

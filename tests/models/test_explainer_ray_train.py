@@ -5,8 +5,8 @@ import torch
 
 from engine.data.base import ArrayDataset
 from engine.models.explainer import Explainer
-from engine.models.explainer_training import (ExplainerConfig, classifier_fingerprint, load_checkpoint,
-                                              train_explainer)
+from engine.models.explainer_training import ExplainerConfig, classifier_fingerprint, load_checkpoint
+from engine.runtime.explainer_train import train_explainer
 from tests.models.test_explainer import TinyClassifier
 
 TINY = ExplainerConfig(steps=4, batch_size=8, width=4, d_steps=1, num_bins=4)

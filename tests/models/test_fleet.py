@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from engine.data import load_dataset
-from engine.models.fleet import resolve_classifier
+from engine.runtime.fleet import resolve_classifier
 from engine.spec.audit import DatasetRef, FleetModel
 
 DIGITS = DatasetRef(name="digits")
@@ -49,7 +49,7 @@ def test_user_model_with_wrong_class_count_is_refused(tmp_path):
 
 def test_a_host_loads_a_builtin_model_by_its_key_without_its_training_data(tmp_path, monkeypatch):
     """What the driver resolved, a host rebuilds from the cache by key: the same weights, no training split read."""
-    import engine.models.fleet as fleet
+    import engine.runtime.fleet as fleet
 
     entry = FleetModel(id="d", train={"arch": "mlp", "epochs": 1})
     driver = resolve_classifier(entry, DIGITS, str(tmp_path), log=lambda *_: None)

@@ -14,7 +14,7 @@ sio = pytest.importorskip("skops.io")
 
 from engine.data import load_dataset  # noqa: E402
 from engine.models.architectures import CNNClassifier  # noqa: E402
-from engine.models.fleet import resolve_classifier  # noqa: E402
+from engine.runtime.fleet import resolve_classifier  # noqa: E402
 from engine.models.loading import classifier_handle_from_module, load_module  # noqa: E402
 from engine.spec import AuditSpec  # noqa: E402
 from engine.workflows.preflight import check_fleet  # noqa: E402

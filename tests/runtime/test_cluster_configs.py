@@ -112,9 +112,23 @@ def wait_for(lines: "queue.Queue[str]", text: str, seen: list[str], timeout: flo
             raise AssertionError(f"no {text!r} within {timeout}s:\n{''.join(seen)}") from None
 
 
-def ray_cli(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+def ray_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     ray = str(Path(sys.executable).with_name("ray"))
     return subprocess.run([ray, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def poll_cli(ready, *args: str, env: dict, limit: float = 600) -> subprocess.CompletedProcess:
+    """Run `ray *args` until ready(result) holds: the job server answers only once the head's dashboard and its
+    agent are up, which on a loaded machine comes well after the nodes have registered."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            result = ray_cli(*args, env=env, timeout=max(30.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as e:
+            result = subprocess.CompletedProcess(e.cmd, -1, str(e.stdout or ""), str(e.stderr or ""))
+        if ready(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(2.0)
 
 
 def tcp_connections(pid: int) -> list[tuple[str, str]]:
@@ -146,9 +160,13 @@ def test_local_cluster_runs_a_submitted_audit(tmp_path):
         assert f"dashboard: http://127.0.0.1:{port}" in printed and "address:   127.0.0.1:" in printed
         assert "ray job submit" in printed and "--working-dir ." in printed
 
-        # Without the token mode the job server refuses the client.
-        refused = ray_cli("job", "list", "--address", f"http://127.0.0.1:{port}", env=env)
-        assert refused.returncode != 0 and "Unauthorized" in refused.stderr + refused.stdout
+        # Without the token mode the job server refuses the client (polled: it must be up to refuse anything).
+        address = ("--address", f"http://127.0.0.1:{port}")
+        refused = poll_cli(lambda r: "Unauthorized" in r.stderr + r.stdout, "job", "list", *address, env=env)
+        assert refused.returncode != 0 and "Unauthorized" in refused.stderr + refused.stdout, refused
+        client = {**env, "RAY_AUTH_MODE": "token"}
+        listed = poll_cli(lambda r: r.returncode == 0, "job", "list", *address, env=client)
+        assert listed.returncode == 0, listed  # with the token it answers: ready for the submission
 
         # The issue's scale: 2,000 queries x 3 models x 2 methods (cheap settings: the engine is under test).
         spec = tiny_audit_spec(str(tmp_path / "out"))
@@ -160,7 +178,6 @@ def test_local_cluster_runs_a_submitted_audit(tmp_path):
         spec["runtime"] = {"batch_size": 500, "num_actors": 2,  # one model host per worker node (1 CPU each)
                            "cache_dir": str(tmp_path / "cache")}  # the local run below reuses the trained models
         (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(spec))
-        client = {**env, "RAY_AUTH_MODE": "token"}
         job = ray_cli("job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", ".",
                       "--", "python", "-m", "jobs.audit", str(tmp_path / "tiny.yaml"), env=client, timeout=1200)
         log = job.stdout + job.stderr
@@ -187,11 +204,11 @@ def test_local_cluster_runs_a_submitted_audit(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=300)  # a bound: shutting the nodes down takes seconds unless the machine is loaded
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    wait_for(lines, "stopping the cluster", seen, timeout=5)
+    wait_for(lines, "stopping the cluster", seen, timeout=60)  # the reader thread drains what is left
     assert proc.returncode == 0
 
     # The same job on a private local Ray (one node) gives the same rows: placement across nodes changes nothing.

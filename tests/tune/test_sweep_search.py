@@ -44,7 +44,7 @@ def test_random_draws_are_seeded_by_the_spec():
 
 
 def test_optuna_multi_objective_search(tmp_path, local_ray):
-    pytest.importorskip("optuna")
+    pytest.importorskip("optuna", reason="optuna is optional (no extra installs it): pip install optuna")
     result = sweep(spec_for(tmp_path, "optuna", "o"), log=lambda *_: None, progress=False)
     assert result.complete and result.trials.height == 3 and (result.trials["status"] == "TERMINATED").all()
     assert result.pareto is not None and result.pareto["recommended"].sum() == 1

@@ -7,7 +7,7 @@ import torch
 from engine.data import load_dataset
 from engine.data.augmented import augmented_files, concat, load_augmented, torch_concat
 from engine.metrics.plausibility import KnnPlausibility
-from engine.models.fleet import resolve_classifier
+from engine.runtime.fleet import resolve_classifier
 from engine.spec import parse_spec
 from engine.spec.augment import AugmentSpec
 from tests.fixtures.s3 import tiny_audit_spec

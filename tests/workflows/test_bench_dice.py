@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.data import load_dataset
-from engine.workflows.bench_dice import bench_dice, encode_records, judge
+from jobs.bench_dice import bench_dice, encode_records, judge
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,8 @@ def _with_param(module):
 
 
 def test_dice_layout_maps_onto_cfaudit_encoding(credit):
-    dice_ml = pytest.importorskip("dice_ml")
-    from engine.workflows.bench_dice import DiceLayoutModel, OUTCOME, check_layout, dice_frame, layout_map
+    dice_ml = pytest.importorskip("dice_ml", reason="DiCE is optional: pip install -e '.[dice]'")
+    from jobs.dice_peer import DiceLayoutModel, OUTCOME, check_layout, dice_frame, layout_map
 
     reference = load_dataset("german_credit", "train")
     schema = credit.schema
@@ -105,7 +105,7 @@ def test_dice_layout_maps_onto_cfaudit_encoding(credit):
 
 
 def test_dice_random_runs_beside_cfaudit_on_the_same_queries(tmp_path):
-    pytest.importorskip("dice_ml")
+    pytest.importorskip("dice_ml", reason="DiCE is optional: pip install -e '.[dice]'")
     rows = bench_dice(queries=3, peers=("random",), repeats=1, out=str(tmp_path), log=lambda _: None)
     assert [r.method for r in rows] == ["cfaudit:gradual_construction", "cfaudit:wachter", "cfaudit:growing_spheres",
                                         "dice:random"]

@@ -1,8 +1,12 @@
-"""Resolve the fleet entries of a spec into classifier handles (train-or-cache, or a user's file)."""
+"""Resolve the fleet entries of a spec into classifier handles (train-or-cache, or a user's file).
+
+This is where spec entries become models: the spec layer sits above models, so models never see a spec; hosts
+(engine.runtime.host), trials (engine.tune) and the workflows all resolve through here.
+"""
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -10,9 +14,27 @@ from torch import nn
 from engine.data import dataset_fingerprint, load_dataset
 from engine.data.base import ArrayDataset
 from engine.data.source import open_split
-from engine.models.adapters import adapt_classifier
+from engine.models.adapters import ModelAdapter
+from engine.models.explainer_training import get_or_train_explainer, make_explainer_config
 from engine.models.handles import ClassifierHandle, GeneratorHandle
-from engine.spec.audit import DatasetRef, ExplainerEntry, FleetModel, GeneratorEntry, OracleEntry
+from engine.models.loading import classifier_handle_from_module, eval_mode, load_module
+from engine.models.zoo import get_or_train, load_cached
+from engine.runtime.explainer_train import train_explainer
+from engine.spec.audit import DatasetRef, ExplainerEntry, FleetModel, GeneratorEntry, InputSpec, OracleEntry, OutputSpec
+from engine.store.uri import join
+
+
+def adapt_classifier(module: nn.Module, input: Optional[InputSpec], output: Optional[OutputSpec],
+                     input_shape: Sequence[int], num_classes: int, model_id: str) -> nn.Module:
+    """`module` in a ModelAdapter for a fleet entry's `input:` / `output:`; the module itself when neither is set."""
+    if input is None and output is None:
+        return module
+    given, head = input or InputSpec(), output or OutputSpec()
+    return ModelAdapter(module, input_shape, num_classes, scale=given.scale, size=given.size, crop=given.crop,
+                        mean=given.mean, std=given.std, channels_last=given.channels_last, dtype=given.dtype,
+                        head=head.kind, index=head.index, key=head.key, declared=output is not None,
+                        model_id=model_id)
+
 
 def training_data(entry: FleetModel, dataset: DatasetRef) -> ArrayDataset:
     """The train split a built-in model learns from: the spec's dataset with the entry's overrides."""
@@ -25,9 +47,6 @@ def resolve_classifier(entry: FleetModel, dataset: DatasetRef, cache_dir: Option
                        cache_key: Optional[str] = None) -> ClassifierHandle:
     """Train (or load from the content-addressed cache) a built-in model, or load a user's file (see loading.py).
     cache_key: the built-in model's key as the driver resolved it: loaded by key, its training data unread."""
-    from engine.models.loading import classifier_handle_from_module, eval_mode, load_module
-    from engine.models.zoo import get_or_train, load_cached
-
     start = time.perf_counter()
     if entry.train is not None and cache_key is not None:
         module, _ = load_cached(cache_key, cache_dir)
@@ -72,8 +91,6 @@ ORACLE_ARCH = "attribute_oracle"
 def _train_aux(kind: str, arch: str, train, dataset: DatasetRef, cache_dir: Optional[str], log,
                cache_key: Optional[str] = None) -> tuple:
     """(module, the training split or its description, meta); with `cache_key`, loaded by key, no data read."""
-    from engine.models.zoo import get_or_train, load_cached
-
     if cache_key is not None:
         module, _ = load_cached(cache_key, cache_dir)
         info = open_split(dataset.name, "train", **{**dataset.options, **train.dataset_options}).info
@@ -88,8 +105,6 @@ def _train_aux(kind: str, arch: str, train, dataset: DatasetRef, cache_dir: Opti
 
 
 def _load_file(entry, what: str, log) -> nn.Module:
-    from engine.models.loading import load_module
-
     module = load_module(entry.path, format=entry.format, factory=entry.factory,
                          factory_kwargs=entry.factory_kwargs, trust=entry.trust, model_id=what)
     log(f"  {what}: loaded {entry.path}")
@@ -97,8 +112,6 @@ def _load_file(entry, what: str, log) -> nn.Module:
 
 
 def _freeze(module: nn.Module, device: str | torch.device) -> nn.Module:
-    from engine.models.loading import eval_mode
-
     module = eval_mode(module.to(device))
     for p in module.parameters():
         p.requires_grad_(False)
@@ -136,8 +149,6 @@ def resolve_oracle(entry: OracleEntry, dataset: DatasetRef, cache_dir: Optional[
     else:
         module, meta = _load_file(entry, "oracle", log), {"source": "file", "path": entry.path}
         data, names = open_split(dataset.name, "test", **dataset.options).info, list(entry.attribute_names)
-    from engine.models.loading import classifier_handle_from_module
-
     handle = classifier_handle_from_module(_freeze(module, device), "oracle", data.input_shape, names,
                                            data.value_range)
     handle.meta.update(meta)
@@ -152,15 +163,13 @@ def resolve_explainer(handle: ClassifierHandle, entry: ExplainerEntry, dataset: 
     The cache key covers the classifier's weights, the explainer's data and config and the seed, so it belongs
     to one classifier. Checkpoints go to `entry.checkpoint_uri` (or `checkpoint_root`/explainers) + model id.
     """
-    from engine.models.explainer_training import get_or_train_explainer, make_explainer_config
-    from engine.store.uri import join
-
     data = load_dataset(dataset.name, "train", **{**dataset.options, **entry.dataset_options})
     prefix = entry.checkpoint_uri or (join(checkpoint_root, "explainers") if checkpoint_root else None)
     explainer, info = get_or_train_explainer(
         handle.module, data, dataset_fingerprint(data), make_explainer_config(entry.train), seed=entry.seed,
         cache_dir=cache_dir, checkpoint_uri=join(prefix, handle.model_id) if prefix else None,
-        checkpoint_every=entry.checkpoint_every, workers=entry.workers, use_gpu=entry.use_gpu, log=log)
+        checkpoint_every=entry.checkpoint_every, workers=entry.workers, use_gpu=entry.use_gpu, log=log,
+        train=train_explainer)
     log(f"  explainer for {handle.model_id}: {'cache hit' if info['cache_hit'] else 'trained'} "
         f"({info['seconds']:.1f}s, key {info['key'][:12]})")
     return _freeze(explainer, device)
