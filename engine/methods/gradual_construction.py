@@ -12,9 +12,9 @@ import torch
 from engine.methods import losses
 from engine.methods.base import Method, register
 from engine.methods.masking import mask_units
-from engine.methods.search import (AdamState, Found, SearchState, all_finite, check_field, clamp_st, descend,
-                                   per_query_normal, query_seed)
+from engine.methods.search import (AdamState, Found, SearchState, all_finite, check_field, clamp_st, descend)
 from engine.models.handles import ClassifierHandle, ModelBundle
+from engine.seeding import per_query_normal, query_seed
 from engine.types import QueryBatch
 
 NAME = "gradual_construction"

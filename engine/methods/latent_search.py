@@ -17,9 +17,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from engine.methods.search import (AdamState, SearchState, all_finite, clamp_st, descend, per_query_normal,
-                                   reasons, rows_view, statuses)
+from engine.methods.search import (AdamState, SearchState, all_finite, clamp_st, descend, reasons, rows_view,
+                                   statuses)
 from engine.models.handles import ClassifierHandle, GeneratorHandle
+from engine.seeding import per_query_normal
 from engine.types import CFBatch, QueryBatch
 
 # Salt of the GAN inversion's N(0, 1) start: CDeepEx and xGEM share it, so both start from the same draw.

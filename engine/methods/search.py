@@ -20,7 +20,6 @@ import torch
 
 from engine.data.schema import SchemaCodec
 from engine.models.handles import ClassifierHandle, ModelBundle
-from engine.seeding import per_query_normal, query_seed  # noqa: F401  (re-exported: the methods import them from here)
 from engine.types import STATUS_ALREADY, STATUS_BUDGET, STATUS_NAN, STATUS_OK, CFBatch, QueryBatch
 
 ADAM_BETAS = (0.9, 0.999)  # Kingma & Ba defaults, as used by both papers' Adam

@@ -18,7 +18,7 @@ from engine.methods import make_method
 from engine.methods.cdeepex import (CDeepExConfig, Multipliers, augmented_lagrangian, constraints, multiplier_step,
                                     violation)
 from engine.methods.latent_search import Z0_SALT
-from engine.methods.search import per_query_normal
+from engine.seeding import per_query_normal
 from engine.models.architectures import ConvVAE
 from engine.models.handles import ClassifierHandle, GeneratorHandle, ModelBundle
 from engine.models.loading import classifier_handle_from_module

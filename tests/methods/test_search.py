@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from engine.methods import losses
-from engine.methods.search import (AdamState, SearchState, clamp_st, descend, masked_adam_step, per_query_normal,
-                                   query_seed)
+from engine.methods.search import AdamState, SearchState, clamp_st, descend, masked_adam_step
+from engine.seeding import per_query_normal, query_seed
 
 
 def _state(b: int) -> SearchState:
